@@ -1,0 +1,12 @@
+"""Test-wide settings.
+
+huggingface_hub reads its environment at import time, so the switches that keep it away from the
+real Hub (no Xet uploads, no telemetry) are set here, before any test imports it.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
