@@ -1,0 +1,265 @@
+"""Read 3-D medical volumes so that D x H x W means the same anatomical axes for every input.
+
+A network trained on volumes in one orientation sees another orientation as a different image, so
+every reader here ends in the same canonical voxel order:
+
+* the voxel axes are first reoriented to the closest canonical RAS+ order (nibabel's
+  ``io_orientation``: axis 0 points Right, axis 1 Anterior, axis 2 Superior, by flips and
+  transposes only, never by resampling; an oblique volume takes the nearest such order);
+* the array is then transposed to ``array[k, j, i]`` of that RAS+ array, so that
+  **D = inferior -> superior, H = posterior -> anterior, W = left -> right**.
+
+A NIfTI file and a DICOM series go through this one code path (``_canonical``); they differ only
+in how the voxel array and its voxel -> world affine are built. ``.npy`` arrays carry no geometry
+and are taken to be in this order already, at 1 mm.
+
+``Volume.affine`` maps ``(d, h, w, 1)`` to RAS+ millimetres, and ``Volume.spacing`` is the
+length of its columns, so ``array``, ``spacing`` and ``affine`` always describe the same grid.
+
+nibabel and pydicom are imported inside the readers that need them, so ``import med3d_hub`` does
+not pull them in; install them with ``pip install med3d-hub[io]``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Volume", "VolumeReadError", "read_volume"]
+
+# (d, h, w) -> (i, j, k): the canonical array is array[k, j, i] of the RAS+ voxel array.
+_DHW_TO_IJK = np.array(
+    [[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64
+)
+# DICOM patient coordinates are LPS+; NIfTI and this module use RAS+.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_FORMATS = "a NIfTI file (.nii, .nii.gz), a folder holding one DICOM series, or a 3-D .npy array"
+
+
+class VolumeReadError(ValueError):
+    """A volume could not be read or is not a usable 3-D image; the message names the file."""
+
+
+@dataclass(frozen=True, eq=False)  # arrays have no single truth value, so compare by identity
+class Volume:
+    """A 3-D image in canonical (D, H, W) voxel order; see the module docstring.
+
+    ``array`` keeps the dtype it was stored with (DICOM: after RescaleSlope/Intercept, int16
+    when that is exact, else float32). ``spacing`` is in mm along D, H, W. ``affine`` maps
+    voxel ``(d, h, w)`` to RAS+ mm. ``source`` is the path the volume was read from.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    source: str
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)
+
+
+def read_volume(path: str | Path) -> Volume:
+    """Read a NIfTI file, a DICOM series folder or a ``.npy`` array into a canonical ``Volume``.
+
+    Raises ``FileNotFoundError`` when ``path`` does not exist and ``VolumeReadError`` (a
+    ``ValueError``) when it cannot be read or is not a single 3-D volume.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder; pass {_FORMATS}.")
+    name = path.name.lower()
+    if path.is_dir():
+        array, affine = _read_dicom_series(path)
+    elif name.endswith((".nii", ".nii.gz")):
+        array, affine = _read_nifti(path)
+    elif name.endswith(".npy"):
+        return _read_npy(path)
+    else:
+        raise VolumeReadError(
+            f"{path}: unknown file type; pass {_FORMATS} (for DICOM, pass the series folder)."
+        )
+    return _canonical(array, affine, path)
+
+
+def _canonical(array: np.ndarray, affine: np.ndarray, path: Path) -> Volume:
+    """Reorient ``array`` (any voxel order, with its voxel -> RAS+ ``affine``) to (D, H, W)."""
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
+
+    linear = affine[:3, :3]
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(linear)) < 1e-12:
+        raise VolumeReadError(
+            f"{path}: the voxel-to-world affine is singular or not finite, so the orientation "
+            f"is unknown:\n{affine}\nFix the header (e.g. its sform/qform) and read it again."
+        )
+    ornt = io_orientation(affine)
+    ras = apply_orientation(array, ornt)  # flips and transposes: a view, no copy yet
+    ras_affine = affine @ inv_ornt_aff(ornt, array.shape)
+    dhw = np.ascontiguousarray(ras.transpose(2, 1, 0))  # a no-op copy for Fortran-order NIfTI
+    dhw_affine = ras_affine @ _DHW_TO_IJK
+    spacing = tuple(float(s) for s in np.linalg.norm(dhw_affine[:3, :3], axis=0))
+    return Volume(array=dhw, spacing=spacing, affine=dhw_affine, source=str(path))
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    try:
+        image = nib.load(path)
+        array = np.asanyarray(image.dataobj)  # applies scl_slope/inter, else keeps the dtype
+    except Exception as err:  # nibabel, gzip and zlib raise many types for a damaged file
+        raise VolumeReadError(
+            f"{path}: not a readable NIfTI file ({type(err).__name__}: {err}). "
+            "Check that the file is complete and really NIfTI (re-export or re-download it)."
+        ) from err
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise VolumeReadError(
+            f"{path}: image has shape {tuple(image.shape)}, but a single 3-D volume is needed. "
+            "For a 4-D series, save the volume you want (e.g. nibabel's img.slicer[..., t])."
+        )
+    return array, image.affine.astype(np.float64)
+
+
+def _read_npy(path: Path) -> Volume:
+    """A bare array has no geometry: it is taken as canonical (D, H, W) at 1 mm."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except Exception as err:
+        raise VolumeReadError(
+            f"{path}: not a readable .npy array ({type(err).__name__}: {err}); "
+            "save it with numpy.save(path, array)."
+        ) from err
+    if not isinstance(array, np.ndarray) or array.ndim != 3:
+        shape = getattr(array, "shape", None)
+        raise VolumeReadError(
+            f"{path}: array has shape {shape}, but a 3-D (D, H, W) array is needed."
+        )
+    return Volume(array=array, spacing=(1.0, 1.0, 1.0), affine=_DHW_TO_IJK.copy(), source=str(path))
+
+
+def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Stack one DICOM series into a (slice, row, column) array and its voxel -> RAS+ affine."""
+    slices = _one_series(folder)
+    orientation = _float_tag(slices[0], "ImageOrientationPatient", 6, folder)
+    for ds in slices[1:]:
+        if not np.allclose(_float_tag(ds, "ImageOrientationPatient", 6, folder), orientation, atol=1e-4):
+            raise VolumeReadError(
+                f"{folder}: the slices have different ImageOrientationPatient values (a "
+                "localizer or several stacks?); keep only the slices of one 3-D volume."
+            )
+    row_dir, col_dir = orientation[:3], orientation[3:]
+    normal = np.cross(row_dir, col_dir)
+    positions = np.array([_float_tag(ds, "ImagePositionPatient", 3, folder) for ds in slices])
+    order = np.argsort(positions @ normal)
+    slices = [slices[i] for i in order]
+    positions = positions[order]
+    _check_even_spacing(positions @ normal, folder)
+
+    row_spacing, col_spacing = _float_tag(slices[0], "PixelSpacing", 2, folder)
+    step = (positions[-1] - positions[0]) / (len(slices) - 1)  # follows a gantry tilt, if any
+    lps = np.eye(4)
+    lps[:3, 0] = step  # axis 0: slice
+    lps[:3, 1] = col_dir * row_spacing  # axis 1: row index moves down a column
+    lps[:3, 2] = row_dir * col_spacing  # axis 2: column index moves along a row
+    lps[:3, 3] = positions[0]
+    return _stack_pixels(slices, folder), _LPS_TO_RAS @ lps
+
+
+def _one_series(folder: Path) -> list:
+    """The datasets of the single image series in ``folder``; anything else is an error."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    series = defaultdict(list)
+    for file in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            ds = pydicom.dcmread(file)
+        except InvalidDicomError:
+            continue  # not DICOM (a README, .DS_Store, ...): a series folder may hold such files
+        except Exception as err:
+            raise VolumeReadError(
+                f"{file}: a DICOM file that cannot be read ({type(err).__name__}: {err}); "
+                "remove or replace it."
+            ) from err
+        if "PixelData" in ds:  # skips DICOMDIR and other files without an image
+            series[str(ds.get("SeriesInstanceUID", "<no SeriesInstanceUID>"))].append(ds)
+    if not series:
+        raise VolumeReadError(
+            f"{folder}: no DICOM image files found; pass a folder holding the files of one series."
+        )
+    if len(series) > 1:
+        listing = "\n".join(
+            f"  {uid}: {len(dss)} file(s), {dss[0].get('Modality', '?')} "
+            f"'{dss[0].get('SeriesDescription', '')}'"
+            for uid, dss in series.items()
+        )
+        raise VolumeReadError(
+            f"{folder}: holds {len(series)} DICOM series; move each series to its own folder "
+            f"and read one at a time. Series (SeriesInstanceUID):\n{listing}"
+        )
+    (slices,) = series.values()
+    if int(slices[0].get("NumberOfFrames", 1) or 1) > 1:
+        raise VolumeReadError(
+            f"{folder}: multi-frame (enhanced) DICOM is not supported; convert the series to "
+            "NIfTI first (e.g. with dcm2niix) and read the .nii.gz."
+        )
+    if len(slices) < 2:
+        raise VolumeReadError(
+            f"{folder}: the series has a single slice, which is not a 3-D volume."
+        )
+    return slices
+
+
+def _check_even_spacing(along_normal: np.ndarray, folder: Path) -> None:
+    """Reject gaps and repeats: a stack with uneven slices has no single voxel grid."""
+    gaps = np.diff(along_normal)
+    median = float(np.median(gaps))
+    tolerance = max(0.01, 0.01 * median)
+    if median <= tolerance or np.any(np.abs(gaps - median) > tolerance):
+        found = sorted({round(float(g), 3) for g in gaps})
+        raise VolumeReadError(
+            f"{folder}: uneven slice spacing, gaps of {found} mm between consecutive slices "
+            f"(tolerance {tolerance:.3g} mm). Slices are missing, repeated (several echoes or "
+            "time points?) or the series has several stacks; export a complete single series, "
+            "or resample it to a regular grid first."
+        )
+
+
+def _stack_pixels(slices: list, folder: Path) -> np.ndarray:
+    """Pixels with RescaleSlope/Intercept applied: int16 when exact, else float32."""
+    try:
+        raw = np.stack([ds.pixel_array for ds in slices])
+    except ValueError as err:  # np.stack on slices of different sizes
+        raise VolumeReadError(f"{folder}: slices differ in size ({err}).") from err
+    except Exception as err:  # compressed transfer syntax without a decoder, damaged data
+        raise VolumeReadError(
+            f"{folder}: cannot decode the pixel data ({type(err).__name__}: {err}). For "
+            "compressed DICOM, install a pydicom decoder (e.g. pylibjpeg) or convert to NIfTI."
+        ) from err
+    if raw.ndim != 3:
+        raise VolumeReadError(f"{folder}: expected single-frame grey-level slices, got {raw.shape[1:]}.")
+    slope = np.array([float(ds.get("RescaleSlope", 1) or 1) for ds in slices])
+    intercept = np.array([float(ds.get("RescaleIntercept", 0) or 0) for ds in slices])
+    if np.all(slope == 1) and np.all(intercept == 0):
+        return raw
+    if np.all(slope == 1) and np.all(intercept == np.round(intercept)):
+        shifted = raw.astype(np.int32) + intercept.astype(np.int32)[:, None, None]
+        info = np.iinfo(np.int16)
+        if shifted.min() >= info.min and shifted.max() <= info.max:
+            return shifted.astype(np.int16)
+    return (raw.astype(np.float32) * slope[:, None, None] + intercept[:, None, None]).astype(np.float32)
+
+
+def _float_tag(ds, keyword: str, length: int, folder: Path) -> np.ndarray:
+    value = ds.get(keyword)
+    if value is None or len(value) != length:
+        raise VolumeReadError(
+            f"{folder}: {Path(ds.filename).name} lacks a valid {keyword}, so the slice "
+            "geometry is unknown; this reader needs image-plane DICOM (CT, MR, PET)."
+        )
+    return np.array([float(v) for v in value])
