@@ -1,0 +1,156 @@
+"""MedicalNet checkpoints and zoo state dicts: reading, key mapping, strict checks, input adaptation.
+
+A released MedicalNet file is a pickled dict whose ``state_dict`` holds backbone tensors under
+``module.``-prefixed names. It is read with ``torch.load(weights_only=True)`` and nothing else; the
+prefix is stripped, which gives exactly the zoo's parameter names. Safetensors files are read by
+memory map. No network and no caches here: only tensors and names.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Mapping
+
+import torch
+
+__all__ = [
+    "HEAD_PREFIXES",
+    "CheckpointMismatchError",
+    "adapt_in_chans",
+    "check_backbone",
+    "detect_format",
+    "infer_shortcut",
+    "read_state_dict",
+    "split_head",
+    "strip_prefix",
+]
+
+HEAD_PREFIXES = ("fc.", "conv_seg.")
+_SHOWN = 12  # key names listed in an error before "and N more"
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The weights do not fit the model: missing, unexpected or differently shaped keys (all named)."""
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """``"safetensors"`` or ``"medicalnet-pth"`` (a torch.save file), from the file's first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000:
+        return "safetensors"
+    return "medicalnet-pth"
+
+
+def read_state_dict(path: str | os.PathLike, fmt: str) -> dict[str, torch.Tensor]:
+    """The zoo-named state dict in a weights file: no ``module.`` prefixes, tensors only."""
+    if fmt == "safetensors":
+        from safetensors.torch import load_file
+
+        return strip_prefix(load_file(str(path)))
+    if fmt != "medicalnet-pth":
+        raise ValueError(f"unknown weights format {fmt!r}; expected 'medicalnet-pth' or 'safetensors'")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # the unpickler raises many types; all mean "not a plain weights file"
+        raise CheckpointMismatchError(
+            f"{path} could not be read as a weights file with torch.load(weights_only=True): {error}. "
+            "Only plain tensors and containers are accepted; files that need arbitrary code to unpickle are refused."
+        ) from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        found = sorted(obj)[:_SHOWN] if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointMismatchError(
+            f"{path} is not a MedicalNet checkpoint: expected a dict of tensors, or a dict whose 'state_dict' "
+            f"entry is one; found {found}"
+        )
+    return strip_prefix(obj)
+
+
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
+    """Drop a leading ``module.`` (left by DataParallel) from every key."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        name = key
+        while name.startswith(prefix):
+            name = name[len(prefix) :]
+        if name in out:
+            raise CheckpointMismatchError(f"keys {key!r} and another both become {name!r} without {prefix!r}")
+        out[name] = value
+    return out
+
+
+def split_head(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(backbone, head): head keys are the classifier ``fc.*`` and the segmentation head ``conv_seg.*``."""
+    backbone = {k: v for k, v in state_dict.items() if not k.startswith(HEAD_PREFIXES)}
+    head = {k: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIXES)}
+    return backbone, head
+
+
+def infer_shortcut(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Shortcut "B" has downsample convs, the parameter-free shortcut "A" has none."""
+    return "B" if any(".downsample." in k for k in state_dict) else "A"
+
+
+def _names(keys) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:_SHOWN])
+    return shown + (f" and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else "")
+
+
+def check_backbone(expected: Mapping[str, tuple], state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Strict check: the weights hold exactly the model's backbone keys, with the same shapes.
+
+    ``expected`` maps the model's backbone keys to shapes. The error names every offending key and,
+    where the pattern is recognisable, the option that fixes it.
+    """
+    missing = set(expected) - set(state_dict)
+    unexpected = set(state_dict) - set(expected)
+    wrong = {
+        k: (tuple(state_dict[k].shape), tuple(shape))
+        for k, shape in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(shape)
+    }
+    if not (missing or unexpected or wrong):
+        return
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_names(unexpected)}")
+    if wrong:
+        shown = sorted(wrong)[:_SHOWN]
+        problems.append("shape mismatch: " + ", ".join(f"{k} {wrong[k][0]} in the file vs {wrong[k][1]} in the model" for k in shown))
+    hints = []
+    if missing and all(".downsample." in k for k in missing) and not unexpected:
+        hints.append("the file has no downsample convs: it was trained with shortcut='A'")
+    if unexpected and all(".downsample." in k for k in unexpected) and not missing:
+        hints.append("the file has downsample convs: it was trained with shortcut='B'")
+    if not hints and (missing or unexpected or wrong):
+        hints.append("the file may be for another depth or architecture")
+    raise CheckpointMismatchError(
+        f"the weights in {source} do not fit the model ({'; '.join(problems)}). Hint: {'; '.join(hints)}."
+    )
+
+
+def adapt_in_chans(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """First-conv weights for ``in_chans`` input channels, from weights trained on ``S = weight.shape[1]``.
+
+    Rule: tile the S trained channels over the new ones (``ceil(in_chans / S)`` times, cut to
+    ``in_chans``) and scale by ``S / in_chans``. From single-channel weights that is "repeat and divide
+    by in_chans": a volume copied into all in_chans channels gives exactly the single-channel
+    features, and the activations keep their scale. Going down to one channel sums the S channels,
+    so one volume gives what S copies of it gave before.
+    """
+    if not isinstance(in_chans, int) or in_chans < 1:
+        raise ValueError(f"in_chans must be an integer >= 1, got {in_chans!r}")
+    trained = weight.shape[1]
+    if in_chans == trained:
+        return weight
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = math.ceil(in_chans / trained)
+    tiled = weight.repeat(1, repeats, *([1] * (weight.ndim - 2)))[:, :in_chans]
+    return (tiled * (trained / in_chans)).contiguous()

@@ -1,0 +1,304 @@
+"""Pretrained weights for ``create_model``.
+
+The path of ``create_model("resnet50.3dseg8", pretrained=True)``: the manifest names the file, the hub
+fetches and verifies it, the checkpoint code maps it, and it is loaded strictly into a model built
+without a wasted random initialisation. Heads the weights do not have are initialised fresh (and
+logged); ``in_chans != 1`` adapts the first conv (see ``checkpoints.adapt_in_chans``).
+
+``pretrained`` may be True (the tag's weights, or the depth's default), a local file, or an
+``hf://org/repo@revision/file`` reference. Loader options, meaningful only with weights:
+``cache_dir`` (huggingface_hub's cache), ``local_files_only`` and ``token``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from . import checkpoints, hub
+from .manifest import WeightsEntry, find_entry, load_entries
+from .models.heads import SegmentationHead
+from .models.resnet import Med3DResNet
+from .registry import build_model
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LOADER_ARGS", "create_pretrained"]
+
+LOADER_ARGS = ("cache_dir", "local_files_only", "token")
+CACHE_FORMAT = "med3d_hub.state_dict.v1"
+
+
+@dataclass
+class _Request:
+    """What ``pretrained`` asks for: a manifest entry, a Hub file, or a local file."""
+
+    label: str
+    entry: WeightsEntry | None = None  # the manifest entry, when the name's tag (or True) picked one
+    sources: list = field(default_factory=list)  # HubFile / URL, for remote weights
+    ref: hub.HubFile | None = None  # an hf:// reference
+    local: Path | None = None
+
+
+def create_pretrained(arch: str, tag: str | None, pretrained: Any, **kwargs: Any) -> nn.Module:
+    """Build ``arch`` and load the weights ``pretrained`` names; see the module docstring."""
+    loader = {k: kwargs.pop(k) for k in LOADER_ARGS if k in kwargs}
+    settings = hub.settings(**loader)
+    request = _request(arch, tag, pretrained)
+    loaded = _load_state_dict(request, settings)
+    state_dict = loaded.state_dict
+    entry = request.entry or _entry_by_sha(arch, loaded.sha256)
+
+    shortcut = entry.shortcut if entry else checkpoints.infer_shortcut(state_dict)
+    if kwargs.get("shortcut", shortcut) != shortcut:
+        raise ValueError(
+            f"the weights {entry.name if entry else request.label} were trained with shortcut {shortcut!r}, "
+            f"but shortcut={kwargs['shortcut']!r} was passed; drop the shortcut argument, or use pretrained=False"
+        )
+    kwargs["shortcut"] = shortcut
+
+    model = _build_without_init(arch, kwargs)
+    head = _load_into(model, state_dict, source=request.label)
+    model.pretrained_cfg = _cfg(arch, request, entry, loaded, model, head)
+    return model
+
+
+# -- what to load -------------------------------------------------------------------------------------
+
+
+def _request(arch: str, tag: str | None, pretrained: Any) -> _Request:
+    if pretrained is True:
+        entry = find_entry(arch, tag)
+        sources: list = [hub.HubFile(entry.hf_hub_id, entry.filename, entry.revision)] if entry.hf_hub_id else []
+        return _Request(entry.name, entry, sources + list(entry.urls))
+    if not isinstance(pretrained, (str, os.PathLike)):
+        raise TypeError(
+            f"pretrained must be True/False, a file path or an 'hf://org/repo@revision/file' reference, "
+            f"got {type(pretrained).__name__}"
+        )
+    entry = find_entry(arch, tag) if tag else None  # a tag with a file: the file must be those weights
+    text = os.fspath(pretrained)
+    if text.startswith("hf://"):
+        ref = hub.parse_hf_reference(text)
+        return _Request(str(ref), entry, [ref], ref=ref)
+    path = Path(text).expanduser()
+    if not path.is_file():
+        tags = ", ".join(f"{e.name}" for e in load_entries() if e.model == arch)
+        raise FileNotFoundError(
+            f"pretrained={text!r} is neither an existing file nor an hf:// reference. Pass pretrained=True for "
+            f"the default weights, a name with a tag ({tags or 'none known'}), a local .pth/.safetensors file, "
+            "or hf://org/repo@revision/file"
+        )
+    return _Request(str(path), entry, local=path.resolve())
+
+
+def _entry_by_sha(arch: str, sha256: str) -> WeightsEntry | None:
+    """A manifest entry for exactly these bytes, so a local copy of released weights keeps its provenance."""
+    return next((e for e in load_entries() if e.model == arch and e.sha256 == sha256), None)
+
+
+# -- getting the state dict ---------------------------------------------------------------------------
+
+
+class _Loaded(NamedTuple):
+    state_dict: dict[str, torch.Tensor]
+    sha256: str  # of the file the weights came from
+    format: str  # of that file
+
+
+def _load_state_dict(request: _Request, s: hub.Settings) -> _Loaded:
+    """The zoo-named state dict; converted files are cached by the sha256 of their source."""
+    if request.local is not None:
+        return _load_local(request, s)
+    expected = request.entry.sha256 if request.entry else None
+    if expected and (cached := _cached(expected, s)) is not None:
+        return cached  # no network at all: the sha256 pins the content
+    key = expected or hashlib.sha256(f"{s.endpoint}|{request.label}".encode()).hexdigest()
+    with hub.weights_lock(key, s):
+        if expected and (cached := _cached(expected, s)) is not None:
+            return cached  # another process converted it while we waited
+        fetched = hub.fetch(
+            request.sources,
+            s,
+            expected_sha256=expected,
+            label=request.label,
+            skip_if=lambda sha: hub.cached_weights_path(sha, s).is_file(),
+        )
+        if (cached := _cached(fetched.sha256, s)) is not None:
+            return cached
+        if fetched.path is None:  # the cached copy vanished after the check: fetch the file itself
+            fetched = hub.fetch(request.sources, s, expected_sha256=fetched.sha256, label=request.label)
+        fmt = request.entry.format if request.entry else checkpoints.detect_format(fetched.path)
+        return _convert(fetched.path, fmt, fetched.sha256, request.label, s)
+
+
+def _load_local(request: _Request, s: hub.Settings) -> _Loaded:
+    path = request.local
+    sha256 = hub.sha256_file(path)
+    entry = request.entry
+    if entry is not None and sha256 != entry.sha256:
+        raise hub.ChecksumError(
+            f"sha256 mismatch for {path}: expected {entry.sha256} ({entry.name}), got {sha256}. "
+            f"The file is not the {entry.name} weights (it was left untouched); drop the tag to load it anyway."
+        )
+    fmt = checkpoints.detect_format(path)
+    if fmt == "safetensors":  # already memory-mapped, nothing to convert
+        return _Loaded(checkpoints.read_state_dict(path, fmt), sha256, fmt)
+    if (cached := _cached(sha256, s)) is not None:
+        return cached
+    with hub.weights_lock(sha256, s):
+        if (cached := _cached(sha256, s)) is not None:
+            return cached
+        return _convert(path, fmt, sha256, str(path), s)
+
+
+def _cached(sha256: str, s: hub.Settings) -> _Loaded | None:
+    found = hub.load_cached_weights(sha256, s)
+    if found is None:
+        return None
+    state_dict, metadata = found
+    return _Loaded(state_dict, sha256, metadata.get("source_format", "medicalnet-pth"))
+
+
+def _convert(path: Path, fmt: str, sha256: str, label: str, s: hub.Settings) -> _Loaded:
+    """Read a verified file once and keep it as safetensors, so later loads never unpickle."""
+    state_dict = checkpoints.read_state_dict(path, fmt)
+    metadata = {"format": CACHE_FORMAT, "source_sha256": sha256, "source_format": fmt, "source": label}
+    hub.store_weights(sha256, state_dict, s, metadata)
+    return _Loaded(state_dict, sha256, fmt)
+
+
+# -- building and loading -----------------------------------------------------------------------------
+
+_RANDOM_INITS = {
+    torch.Tensor.normal_,
+    torch.Tensor.uniform_,
+    nn.init.normal_,
+    nn.init.uniform_,
+    nn.init.kaiming_uniform_,
+}
+
+
+class _SkipRandomInitOnMeta(TorchFunctionMode):
+    """Turn random initialisation of meta tensors into a no-op.
+
+    On the meta device the values are never used, but PyTorch still routes ``normal_``/``uniform_``
+    through a path that imports torch._dynamo (about a second, once per process).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _RANDOM_INITS:
+            tensor = args[0] if args else kwargs.get("tensor")
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+def _build_without_init(arch: str, kwargs: dict) -> nn.Module:
+    """The model on the meta device: no memory and no random init for tensors the weights replace."""
+    with torch.device("meta"), _SkipRandomInitOnMeta():
+        return build_model(arch, **kwargs)
+
+
+def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str) -> str | None:
+    """Load the weights strictly into the meta-built model; returns the head's state: "pretrained", "new" or None."""
+    state_dict = dict(state_dict)
+    conv1 = state_dict.get("conv1.weight")
+    if conv1 is not None and conv1.shape[1] != model.in_chans:
+        log.info("adapting conv1 of %s from %d to %d input channels", source, conv1.shape[1], model.in_chans)
+        state_dict["conv1.weight"] = checkpoints.adapt_in_chans(conv1, model.in_chans)
+
+    backbone, head = checkpoints.split_head(state_dict)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    model_head = {k: v for k, v in shapes.items() if k.startswith(checkpoints.HEAD_PREFIXES)}
+    checkpoints.check_backbone(
+        {k: v for k, v in shapes.items() if k not in model_head}, backbone, source=source
+    )
+
+    head_state = None
+    if model_head:
+        fits = set(head) == set(model_head) and all(tuple(head[k].shape) == model_head[k] for k in head)
+        if fits:
+            backbone.update(head)
+            head_state = "pretrained"
+        else:
+            head_state = "new"
+            what = "carry no head" if not head else f"carry another head ({', '.join(sorted(head)[:4])}...)"
+            log.info("the weights of %s %s: the model's head (%s) is freshly initialised", source, what, _head_name(model))
+    elif head:
+        log.info("the model has no head: %d head tensors of %s are not used", len(head), source)
+
+    model.load_state_dict(backbone, strict=False, assign=True)
+    if head_state == "new":
+        _init_new_head(model)
+    left = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"internal error: these tensors were neither loaded nor initialised: {', '.join(left)}")
+    return head_state
+
+
+def _head_name(model: nn.Module) -> str:
+    if getattr(model, "seg_classes", None) is not None:
+        return f"conv_seg, {model.seg_classes} classes"
+    return f"fc, {model.num_classes} classes"
+
+
+def _init_new_head(model: nn.Module) -> None:
+    """A real, freshly initialised head, exactly as a randomly built model would have it."""
+    if getattr(model, "seg_classes", None) is not None:
+        head = SegmentationHead(model.num_features, model.seg_classes)
+        Med3DResNet._init_weights(head)  # the model's own init rule, applied to the head's modules only
+        model.conv_seg = head
+    if getattr(model, "num_classes", 0) > 0:
+        model.reset_classifier(model.num_classes)
+
+
+# -- provenance -----------------------------------------------------------------------------------------
+
+
+def _cfg(arch: str, request: _Request, entry: WeightsEntry | None, loaded: _Loaded, model: nn.Module, head: str | None) -> dict:
+    """``model.pretrained_cfg``: where the weights came from, what they are, and the preprocessing they expect."""
+    if entry is not None:
+        cfg = entry.cfg()
+    else:
+        from .preprocess import PAPER_PREPROCESS
+
+        cfg = {
+            "name": arch,
+            "architecture": arch,
+            "tag": None,
+            "hf_hub_id": None,
+            "revision": None,
+            "filename": None,
+            "urls": [],
+            "sha256": loaded.sha256,
+            "size": None,
+            "format": loaded.format,
+            "license": None,
+            "source": None,
+            "preprocess": copy.deepcopy(PAPER_PREPROCESS),
+            "shortcut": model.shortcut,
+        }
+    if request.ref is not None:
+        cfg.update(hf_hub_id=request.ref.repo_id, revision=request.ref.revision, filename=request.ref.filename, urls=[])
+    if request.local is not None:
+        cfg.update(filename=request.local.name, urls=[], size=request.local.stat().st_size)
+    conv1 = loaded.state_dict.get("conv1.weight")
+    cfg.update(
+        file=str(request.local) if request.local is not None else None,
+        weights_in_chans=int(conv1.shape[1]) if conv1 is not None else cfg.get("weights_in_chans"),
+        in_chans=model.in_chans,
+        head=head,
+    )
+    return cfg

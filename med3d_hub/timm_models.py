@@ -1,0 +1,78 @@
+"""The Med3D ResNets in timm's registry, as ``med3d_resnet{depth}[.tag]``.
+
+    import med3d_hub.timm_models  # registers the models (timm itself takes about a second to import)
+    import timm
+    model = timm.create_model("med3d_resnet50.3dseg8", pretrained=True, num_classes=2)
+    timm.list_pretrained("med3d_*")
+
+The registered functions build through ``med3d_hub.create_model``: weights come from our manifest,
+are verified and loaded strictly, and ``in_chans`` uses our 3D first-conv rule. timm's own weight
+loading and its 2D input-conv adaptation are never used. The tags timm lists are those of the
+manifests known at import; a tag added later (MED3D_HUB_MANIFEST, add_manifest) still loads when named.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from timm.models import generate_default_cfgs, register_model
+
+from .manifest import load_entries
+from .models.resnet import ARCHITECTURES
+from .registry import create_model
+
+__all__: list[str] = []  # timm's register_model appends each model name
+PREFIX = "med3d_"
+
+
+def _timm_cfg(entry) -> dict:
+    """What timm's registry records for a set of weights (informational: our loader does the loading)."""
+    size = entry.preprocess.get("size")
+    return {
+        "hf_hub_id": entry.hf_hub_id,
+        "hf_hub_filename": entry.filename,
+        "url": entry.urls[0] if not entry.hf_hub_id and entry.urls else None,
+        "license": entry.license,
+        "description": entry.description,
+        "paper_ids": "arXiv:1904.00625",
+        "origin_url": entry.source.get("code"),
+        "num_classes": 0,
+        "input_size": (entry.in_chans, *size) if size else (entry.in_chans, 56, 448, 448),
+        "mean": (0.0,),
+        "std": (1.0,),
+        "first_conv": "conv1",
+        "classifier": "fc",
+    }
+
+
+def _tag(pretrained_cfg: Any) -> str | None:
+    """The weights tag timm hands over: the part after the dot of the name, or a cfg carrying a tag."""
+    if isinstance(pretrained_cfg, str):
+        return pretrained_cfg or None
+    if isinstance(pretrained_cfg, dict):
+        return pretrained_cfg.get("tag")
+    return getattr(pretrained_cfg, "tag", None)
+
+
+def _entrypoint(arch: str):
+    def entrypoint(pretrained: bool = False, pretrained_cfg: Any = None, pretrained_cfg_overlay: Any = None, **kwargs: Any):
+        tag = _tag(pretrained_cfg)
+        kwargs.pop("pretrained_strict", None)  # loading is always strict here
+        cache_dir = kwargs.pop("cache_dir", None)  # timm always passes it; it matters only with weights
+        if pretrained and cache_dir is not None:
+            kwargs["cache_dir"] = cache_dir
+        name = f"{arch}.{tag}" if tag else arch
+        return create_model(name, pretrained=pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = PREFIX + arch
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"Med3D {arch} through med3d_hub.create_model (see med3d_hub.timm_models)."
+    return entrypoint
+
+
+default_cfgs = generate_default_cfgs(
+    {f"{PREFIX}{e.model}.{e.tag}{'*' if e.default else ''}": _timm_cfg(e) for e in load_entries()}
+)
+
+for _arch in ARCHITECTURES:
+    globals()[PREFIX + _arch] = register_model(_entrypoint(_arch))
