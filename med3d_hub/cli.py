@@ -1,11 +1,13 @@
-"""The ``med3d`` command: list, inspect and download weights; extract features; run the demo.
+"""The ``med3d`` command: list, inspect and download weights; extract features; run the demo;
+export and publish trained weights.
 
 Thin by design: each subcommand parses its options and calls the package's modules. Exit codes:
 
     0   success
     1   some inputs failed (reported and skipped; the others were written)
-    2   usage or user error (bad option, unknown model, unreadable manifest, ...)
-    3   the weights could not be fetched: the Hub or mirror is unreachable and nothing is cached
+    2   usage or user error (bad option, unknown model, unreadable manifest, existing tag, NaN weights, ...)
+    3   the Hub or mirror is unreachable (weights: and nothing is cached; publish: nothing was sent)
+    4   publish: the upload or its round-trip check failed (the manifest was not changed)
     70  internal error (a bug: rerun with --debug and report the traceback)
     130 interrupted
 
@@ -27,6 +29,7 @@ from typing import Any, Sequence
 from . import __version__
 
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 70, 130
+EXIT_PUBLISH_FAILED = 4
 PROG = "med3d"
 
 
@@ -508,6 +511,58 @@ def cmd_train(args: argparse.Namespace) -> int:
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
 
 
+def _preprocess_argument(text: str | None) -> dict | None:
+    """--preprocess: a JSON object, or a file holding one."""
+    if text is None:
+        return None
+    path = Path(text).expanduser()
+    try:
+        raw = path.read_text(encoding="utf-8") if path.is_file() else text
+        value = json.loads(raw)
+    except OSError as err:
+        raise UserError(f"--preprocess {text}: {err.strerror or err}") from None
+    except ValueError:
+        raise UserError(
+            f"--preprocess {text!r}: expected a JSON object such as '{{\"intensity\": {{\"method\": \"hu_window\", "
+            "\"min\": -200, \"max\": 250}}}}', or a file holding one"
+        ) from None
+    if not isinstance(value, dict):
+        raise UserError(f"--preprocess {text!r}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export, read_run
+
+    run = read_run(args.run, checkpoint=args.checkpoint, preprocess=_preprocess_argument(args.preprocess),
+                   datasets=args.dataset)
+    name = f"{run.architecture}.{args.tag}" if args.tag else run.architecture
+    exported = export(run, args.output, license=args.license, medicalnet_pth=args.medicalnet_pth,
+                      repo_id=args.repo_id, tag=args.tag, description=args.description)
+    _say(args, f"{PROG} export: {name} from {run.kind} {run.path}" + (f" (step {run.step})" if run.step is not None else ""),
+         f"  wrote {exported.folder}: {', '.join(exported.files)}",
+         f"  model.safetensors: {exported.size:,} bytes, sha256 {exported.sha256}",
+         f"  licence {exported.license}; nothing was uploaded (publish with `{PROG} publish`)")
+    return EXIT_OK
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from .publish import publish
+
+    published = publish(
+        args.run, repo_id=args.repo_id, tag=args.tag, manifest=args.manifest, private=args.private,
+        revision_message=args.revision_message, force=args.force, default=args.default, license=args.license,
+        preprocess=_preprocess_argument(args.preprocess), checkpoint=args.checkpoint, datasets=args.dataset,
+        description=args.description, medicalnet_pth=args.medicalnet_pth, verify_timeout=args.verify_timeout,
+        echo=lambda line: _say(args, line),
+    )
+    kwargs = "".join(f", {k}={v!r}" for k, v in published.entry["source"].get("model_kwargs", {}).items())
+    _say(args, f"published {published.name}: hf://{published.repo_id}@{published.revision}/{published.entry['filename']}",
+         f"  load it with MED3D_HUB_MANIFEST={published.manifest} and "
+         f"med3d_hub.create_model({published.name!r}, pretrained=True{kwargs})")
+    return EXIT_OK
+
+
 def _train_available() -> bool:
     import importlib.util
 
@@ -527,11 +582,37 @@ examples:
   {PROG} info resnet50.3dseg8                  parameters, source, licence, preprocessing, sha256
   {PROG} download resnet50.3dseg8              fill the cache ahead (for offline clusters)
   {PROG} features scans/*.nii.gz dicom_dir/ --model resnet50 --pretrained 3dseg8 -o feats.npy
+  {PROG} export runs/3dseg8 --output export/           files ready to upload (nothing is sent)
+  {PROG} publish runs/3dseg8 --repo-id org/med3d-resnet10 --tag 3dseg8-v2 --manifest weights.json
 
-exit codes: 0 ok, 1 some inputs failed, 2 usage or user error, 3 weights unreachable (no network,
-nothing cached), 70 internal error.
-environment: HF_ENDPOINT (Hub mirror), HF_HOME (cache), HF_HUB_OFFLINE=1 (cache only),
-MED3D_HUB_MANIFEST (extra weights manifests).
+exit codes: 0 ok, 1 some inputs failed, 2 usage or user error, 3 Hub unreachable (weights: nothing
+cached; publish: nothing sent), 4 publish failed after the upload began, 70 internal error.
+environment: HF_ENDPOINT (Hub mirror), HF_HOME (cache), HF_HUB_OFFLINE=1 (cache only), HF_TOKEN,
+MED3D_HUB_MANIFEST (extra weights manifests), HF_HUB_DISABLE_XET=1 (publish to a self-hosted Hub).
+"""
+
+EXPORT_EPILOG = f"""\
+examples:
+  {PROG} export runs/3dseg8 --output export/ --license cc-by-sa-4.0
+  {PROG} export runs/3dseg8 --output export/ --checkpoint latest      a run that has not finished
+  {PROG} export finetuned/ --output export/ --license mit --dataset "LiTS (CT)"   a save_pretrained folder
+
+RUN is a co-training run folder (config.yaml, encoder.safetensors, metrics.jsonl, curves.png) or a
+model folder (config.json + model.safetensors, as model.save_pretrained writes it; any head).
+The export holds model.safetensors, config.json, README.md (model card), training_config.yaml,
+metrics.jsonl, curves.png (those the run has) and, with --medicalnet-pth, resnet_DEPTH.pth.
+"""
+
+PUBLISH_EPILOG = f"""\
+examples:
+  {PROG} publish runs/3dseg8 --repo-id org/med3d-resnet10-3dseg8 --tag 3dseg8-v2 --manifest weights.json
+  {PROG} publish finetuned/ --repo-id org/liver-seg --tag lits-ft --manifest weights.json --license mit --private
+  HF_ENDPOINT=https://hub.example.org HF_HUB_DISABLE_XET=1 {PROG} publish ...     a self-hosted Hub
+
+Steps: check the weights (finite, strict load) and the tag; export; upload every file in one commit;
+load the weights back by name.tag in a fresh process (empty caches, pinned commit, sha256 checked,
+outputs equal); only then add the entry to the manifest, atomically. The token comes from HF_TOKEN or
+`hf auth login` and is never printed or written.
 """
 
 FEATURES_EPILOG = f"""\
@@ -555,6 +636,25 @@ examples:
   {PROG} demo --scan my_scan.nii.gz --size 56 224 224
   {PROG} demo --pretrained none                   random weights (to try the pipeline offline)
 """
+
+
+def _export_options() -> argparse.ArgumentParser:
+    group = argparse.ArgumentParser(add_help=False)
+    group.add_argument("run", metavar="RUN", help="a co-training run folder, or a model folder (config.json + model.safetensors)")
+    g = group.add_argument_group("what is exported")
+    g.add_argument("--license", metavar="ID",
+                   help="licence of the weights (mit, apache-2.0, cc-by-4.0, cc-by-sa-4.0, other, ...); "
+                        "default: the licence all training datasets state in their dataset.json")
+    g.add_argument("--checkpoint", metavar="latest|FILE",
+                   help="export a training checkpoint instead of the run's encoder.safetensors")
+    g.add_argument("--preprocess", metavar="JSON|FILE",
+                   help="the preprocessing the weights expect (default: the run's, or the model folder's config.json)")
+    g.add_argument("--dataset", action="append", metavar="NAME",
+                   help="a training dataset, for the card and manifest (repeatable; default: the run's tasks)")
+    g.add_argument("--description", metavar="TEXT", help="one line describing the weights")
+    g.add_argument("--medicalnet-pth", action="store_true",
+                   help="also write resnet_DEPTH.pth in MedicalNet's layout, for upstream code")
+    return group
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -632,6 +732,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mni, ct, or a path (NIfTI, DICOM folder, .npy, .inv3); repeatable (default: mni and ct)")
     p.add_argument("--out-dir", default="med3d_demo", help="where the pictures and embeddings go (default med3d_demo)")
     p.set_defaults(func=cmd_demo)
+
+    exporting = _export_options()
+    p = sub.add_parser("export", parents=[common, exporting], formatter_class=_Formatter,
+                       help="a trained run -> weights, config and model card, ready to upload (nothing is sent)",
+                       description="Export a co-training run or a model folder: model.safetensors (zoo key layout), "
+                                   "config.json, a model card with Hub metadata, the training config and curves.",
+                       epilog=EXPORT_EPILOG)
+    p.add_argument("--output", "-o", required=True, help="a new (or empty) folder for the files")
+    p.add_argument("--repo-id", metavar="ORG/NAME", help="the Hub repo, for the card's loading instructions only")
+    p.add_argument("--tag", help="the weights tag, for the card's loading instructions only")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("publish", parents=[common, exporting], formatter_class=_Formatter,
+                       help="upload a trained run to a Hub, verify it loads back, add it to a manifest",
+                       description="Publish weights: export, upload in one commit, prove in a fresh process that "
+                                   "name.tag loads back at the pinned commit with equal outputs, then add the entry "
+                                   "to the manifest. Any failure leaves the manifest unchanged.",
+                       epilog=PUBLISH_EPILOG)
+    p.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="the Hub model repo (created if missing)")
+    p.add_argument("--tag", required=True, help="the weights tag: the weights become ARCH.TAG, e.g. resnet50.3dseg8-v2")
+    p.add_argument("--manifest", required=True, metavar="PATH", help="the weights manifest to add the entry to (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing public repo is refused)")
+    p.add_argument("--revision-message", metavar="TEXT", help="the commit message (default: 'Publish ARCH.TAG with med3d-hub')")
+    p.add_argument("--force", action="store_true", help="replace an entry of the same name.tag in the manifest")
+    p.add_argument("--default", action="store_true", help="make these the architecture's default weights in the manifest")
+    p.add_argument("--verify-timeout", type=float, default=900.0, metavar="S",
+                   help="seconds the round-trip process may take (default 900)")
+    p.set_defaults(func=cmd_publish)
 
     if _train_available():
         p = sub.add_parser("train", parents=[common], add_help=False, help="pre-train or fine-tune (see `med3d train --help`)",
@@ -711,11 +839,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _report(err: BaseException, debug: bool, command: str | None = None) -> int:
     from .hub import HubUnreachableError
 
+    from .publish import PublishError, PublishRefused
+
     if debug:
         traceback.print_exception(err)
+    if isinstance(err, HubUnreachableError) and command == "publish":
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     if isinstance(err, HubUnreachableError):
         print(unreachable_message(err, command), file=sys.stderr)
         return EXIT_UNREACHABLE
+    if isinstance(err, PublishError):
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(err, PublishRefused) else EXIT_PUBLISH_FAILED
     if isinstance(err, _user_error_types()):
         code = err.code if isinstance(err, UserError) else EXIT_USAGE
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)

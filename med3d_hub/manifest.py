@@ -6,7 +6,8 @@ A manifest is a JSON file (schema: docs/manifest-schema.md). The one shipped wit
 ``add_manifest(path)``. Entries are keyed by ``model.tag``: a later manifest extends the list or
 overrides an entry of the same name, and the last manifest that marks a default for a model sets it.
 
-This module only reads and validates data; it never touches the network.
+This module reads and validates manifests, and ``add_entry`` extends one atomically (a temporary
+file renamed over the old one, so readers never see half a file); it never touches the network.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import fnmatch
 import json
 import os
 import re
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -25,18 +27,22 @@ from .models.resnet import ARCHITECTURES
 __all__ = [
     "ENV_VAR",
     "FORMATS",
+    "EntryExistsError",
     "ManifestError",
     "WeightsEntry",
+    "add_entry",
     "add_manifest",
     "default_entry",
     "find_entry",
     "list_pretrained",
     "load_entries",
     "manifest_paths",
+    "manifest_with_entry",
     "read_manifest",
     "render_into",
     "shipped_entries",
     "weights_table_markdown",
+    "write_manifest",
 ]
 
 ENV_VAR = "MED3D_HUB_MANIFEST"
@@ -55,6 +61,10 @@ _added: list[Path] = []
 
 class ManifestError(ValueError):
     """A manifest file that cannot be read or does not follow the schema."""
+
+
+class EntryExistsError(ManifestError):
+    """The manifest already has an entry of that ``model.tag``, and replacing it was not asked for."""
 
 
 @dataclass(frozen=True)
@@ -220,14 +230,15 @@ def read_manifest(path: str | os.PathLike) -> list[WeightsEntry]:
         stat = path.stat()
     except OSError as error:
         raise ManifestError(f"cannot read weights manifest {path}: {error.strerror or error}") from None
-    return list(_read_cached(str(path), stat.st_mtime_ns, stat.st_size))
+    return list(_read_cached(str(path), stat.st_mtime_ns, stat.st_size, stat.st_ino))
 
 
-_cache: dict[tuple[str, int, int], tuple[WeightsEntry, ...]] = {}
+_cache: dict[tuple[str, int, int, int], tuple[WeightsEntry, ...]] = {}
 
 
-def _read_cached(path: str, mtime_ns: int, size: int) -> tuple[WeightsEntry, ...]:
-    key = (path, mtime_ns, size)
+def _read_cached(path: str, mtime_ns: int, size: int, inode: int = 0) -> tuple[WeightsEntry, ...]:
+    # The inode changes with every atomic rewrite (write_manifest), even within one timestamp tick.
+    key = (path, mtime_ns, size, inode)
     if key not in _cache:
         _cache[key] = tuple(_parse(Path(path)))
     return _cache[key]
@@ -240,6 +251,11 @@ def _parse(path: Path) -> list[WeightsEntry]:
         raise ManifestError(f"cannot read weights manifest {path}: {error}") from None
     except json.JSONDecodeError as error:
         raise ManifestError(f"{path} is not valid JSON: {error}") from None
+    return _entries_of(data, path)
+
+
+def _entries_of(data: Any, path: Path) -> list[WeightsEntry]:
+    """Validate a whole manifest document (``path`` names it in errors)."""
     if not isinstance(data, dict) or not isinstance(data.get("weights"), list):
         raise ManifestError(f'{path}: a manifest is a JSON object {{"schema_version": 1, "weights": [...]}}')
     if data.get("schema_version") != SCHEMA_VERSION:
@@ -266,6 +282,70 @@ def _parse(path: Path) -> list[WeightsEntry]:
             defaults[entry.model] = entry.name
         entries.append(entry)
     return entries
+
+
+# -- writing -------------------------------------------------------------------------------------------
+
+
+def manifest_with_entry(path: str | os.PathLike, entry: Mapping[str, Any], *, replace: bool = False) -> dict:
+    """The document of manifest ``path`` with ``entry`` added; the file itself is not touched.
+
+    A missing file gives a new manifest holding only the entry. An existing file must be valid (a
+    broken manifest is never rewritten). An entry of the same ``model.tag`` raises
+    ``EntryExistsError`` unless ``replace`` is set; then it is replaced in place. A new default
+    clears the earlier default of the same model in this file. The result is validated.
+    """
+    path = Path(path)
+    if path.exists():
+        read_manifest(path)  # the whole file is valid before anything is changed
+        data = json.loads(path.read_text(encoding="utf-8"))
+    else:
+        data = {"schema_version": SCHEMA_VERSION, "weights": []}
+    new = _entry_from_dict(entry, f"new entry for {path} ({entry.get('model')}.{entry.get('tag')})")
+    weights = list(data["weights"])
+    same = [i for i, raw in enumerate(weights) if raw.get("model") == new.model and raw.get("tag") == new.tag]
+    if same and not replace:
+        raise EntryExistsError(f"{path} already has {new.name} (entry {same[0]}); choose another tag, or replace it on purpose")
+    if new.default:
+        weights = [dict(raw, default=False) if raw.get("model") == new.model and raw.get("default") else raw for raw in weights]
+    raw_entry = json.loads(json.dumps(dict(entry)))
+    if same:
+        weights[same[0]] = raw_entry
+    else:
+        weights.append(raw_entry)
+    data = dict(data, weights=weights)
+    _entries_of(data, path)
+    return data
+
+
+def write_manifest(path: str | os.PathLike, data: Mapping[str, Any]) -> list[WeightsEntry]:
+    """Validate a manifest document and write it to ``path`` atomically; returns its entries.
+
+    The text goes to a temporary file in the same folder, is flushed to disk, and is renamed over
+    ``path``: a reader (or a crash) sees the old manifest or the new one, never a mix.
+    """
+    path = Path(path)
+    _entries_of(data, path)
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return read_manifest(path)
+
+
+def add_entry(path: str | os.PathLike, entry: Mapping[str, Any], *, replace: bool = False) -> WeightsEntry:
+    """Add ``entry`` to manifest ``path`` (created if missing), atomically; see ``manifest_with_entry``."""
+    data = manifest_with_entry(path, entry, replace=replace)
+    entries = write_manifest(path, data)
+    return next(e for e in entries if e.model == entry["model"] and e.tag == entry["tag"])
 
 
 # -- merging -----------------------------------------------------------------------------------------

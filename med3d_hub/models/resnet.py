@@ -5,7 +5,9 @@ What makes it Med3D rather than a plain 3D ResNet: layer3 and layer4 keep stride
 parameter-free shortcut "A". Parameter names are exactly MedicalNet's (without `module.`), so the
 released files load with `strict=True`; heads only add their own keys.
 
-This module knows nothing about files or the Hub: it builds networks.
+This module builds networks. The classes also carry huggingface_hub's `PyTorchModelHubMixin`
+(`save_pretrained`, `from_pretrained`, `push_to_hub`); the files behind those methods are
+`med3d_hub.model_files`' business, and loading there is strict by default.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -141,8 +144,19 @@ def _check_choice(name: str, value, allowed) -> None:
         raise ValueError(f"{name}={value!r} is not supported; expected one of {sorted(allowed)}")
 
 
-class Med3DResNet(nn.Module):
+class Med3DResNet(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="med3d-hub",
+    tags=["medical-imaging", "3d", "med3d", "resnet"],
+    paper_url="https://arxiv.org/abs/1904.00625",
+):
     """A Med3D 3D ResNet with an optional classification or segmentation head.
+
+    ``model.save_pretrained(folder)`` writes ``model.safetensors`` and a ``config.json`` of the
+    network as it is now; ``Med3DResNet.from_pretrained(folder or "org/name")`` rebuilds it and
+    loads strictly (``strict=False`` keeps keys the file lacks as initialised); ``push_to_hub``
+    uploads the same files. See ``med3d_hub.model_files``.
 
     Args:
         block: "basic" (depths 10/18/34) or "bottleneck" (50 and deeper).
@@ -239,6 +253,7 @@ class Med3DResNet(nn.Module):
             self.conv_seg = SegmentationHead(self.num_features, seg_classes)
         self.num_classes = num_classes
         self.drop_rate = drop_rate
+        self.drop_path_rate = drop_path_rate
         self._set_classifier(num_classes)
         self._init_weights()
 
@@ -260,6 +275,23 @@ class Med3DResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm3d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    # -- PyTorchModelHubMixin: config.json from the model as it is, strict loading ------------------
+    def _save_pretrained(self, save_directory) -> None:
+        from ..model_files import write_model_files
+
+        write_model_files(save_directory, self)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id, revision, cache_dir, force_download, local_files_only, token,
+                         map_location="cpu", strict: bool = True, config=None, **model_kwargs):
+        from ..model_files import load_pretrained
+
+        return load_pretrained(
+            cls, model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
+            local_files_only=local_files_only, token=token, map_location=map_location, strict=strict,
+            model_kwargs=model_kwargs, config=config,
+        )
 
     # -- timm-like surface ----------------------------------------------------------------------
     def get_classifier(self) -> nn.Module:

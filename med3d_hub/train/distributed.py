@@ -1,0 +1,113 @@
+"""The process group: one place that knows whether we run alone or under torchrun.
+
+``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; then the group is initialised with
+NCCL on GPUs and gloo on CPUs. A plain ``python -m med3d_hub.train`` runs as a group of one
+without initialising anything, and every collective below is then a no-op.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError
+
+__all__ = ["DistContext", "init_distributed"]
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    initialised: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def backend(self) -> str | None:
+        return dist.get_backend() if self.initialised else None
+
+    def barrier(self) -> None:
+        if self.initialised:
+            if self.device.type == "cuda":
+                dist.barrier(device_ids=[self.device.index])
+            else:
+                dist.barrier()
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order (our own objects, never data read from files)."""
+        if not self.initialised:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        if not self.initialised:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.initialised:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_reduce_max_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.initialised:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def shutdown(self) -> None:
+        if self.initialised and dist.is_initialized():
+            dist.destroy_process_group()
+        self.initialised = False
+
+
+def _pick_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cpu":
+        return torch.device("cpu")
+    if preference == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {preference!r} was asked for, but torch sees no CUDA GPU; use --device cpu")
+    if preference.startswith("cuda:"):
+        return torch.device(preference)
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def init_distributed(device: str = "auto", timeout_min: float = 60.0) -> DistContext:
+    """Join the torchrun process group if there is one; pick this process's device."""
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = _pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    ctx = DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+    if launched:
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        timeout = datetime.timedelta(minutes=timeout_min)
+        # torchrun's agent keeps one key-value store across worker restarts, and the previous
+        # attempt's connection keys are still in it; a new attempt that read them would dial
+        # dead processes. Each attempt therefore uses its own key prefix.
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(
+            backend=backend, store=dist.PrefixStore(f"med3d_hub.train/attempt_{attempt}", store),
+            rank=rank, world_size=world, timeout=timeout, **kwargs,
+        )
+        ctx.initialised = True
+    return ctx
