@@ -62,8 +62,11 @@ class Volume:
         return tuple(self.array.shape)
 
 
-def read_volume(path: str | Path) -> Volume:
+def read_volume(path: str | Path, *, channel: int | None = None) -> Volume:
     """Read a NIfTI file, a DICOM series folder or a ``.npy`` array into a canonical ``Volume``.
+
+    ``channel`` picks one volume of a 4-D NIfTI image (its 4th axis: modalities, e.g. the MSD brain
+    tumour task's FLAIR/T1w/T1gd/T2w); without it a real 4-D image is an error.
 
     Raises ``FileNotFoundError`` when ``path`` does not exist and ``VolumeReadError`` (a
     ``ValueError``) when it cannot be read or is not a single 3-D volume.
@@ -72,10 +75,12 @@ def read_volume(path: str | Path) -> Volume:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder; pass {_FORMATS}.")
     name = path.name.lower()
+    if channel is not None and not name.endswith((".nii", ".nii.gz")):
+        raise VolumeReadError(f"{path}: channel={channel} applies to 4-D NIfTI images only.")
     if path.is_dir():
         array, affine = _read_dicom_series(path)
     elif name.endswith((".nii", ".nii.gz")):
-        array, affine = _read_nifti(path)
+        array, affine = _read_nifti(path, channel)
     elif name.endswith(".npy"):
         return _read_npy(path)
     else:
@@ -104,12 +109,24 @@ def _canonical(array: np.ndarray, affine: np.ndarray, path: Path) -> Volume:
     return Volume(array=dhw, spacing=spacing, affine=dhw_affine, source=str(path))
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_nifti(path: Path, channel: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
     try:
         image = nib.load(path)
-        array = np.asanyarray(image.dataobj)  # applies scl_slope/inter, else keeps the dtype
+        if channel is not None:
+            channels = image.shape[3] if len(image.shape) == 4 else 1
+            if not 0 <= channel < channels:
+                raise VolumeReadError(
+                    f"{path}: image has shape {tuple(image.shape)}, so channel {channel} does not exist "
+                    f"(channels 0..{channels - 1} on the 4th axis)."
+                )
+            dataobj = image.dataobj if len(image.shape) == 3 else image.dataobj[..., channel]
+        else:
+            dataobj = image.dataobj
+        array = np.asanyarray(dataobj)  # applies scl_slope/inter, else keeps the dtype
+    except VolumeReadError:
+        raise
     except Exception as err:  # nibabel, gzip and zlib raise many types for a damaged file
         raise VolumeReadError(
             f"{path}: not a readable NIfTI file ({type(err).__name__}: {err}). "

@@ -251,6 +251,20 @@ def test_real_4d_nifti(tmp_path):
     assert "fmri.nii.gz" in str(info.value)
 
 
+def test_channel_of_4d_nifti(tmp_path, template):
+    data, affine = template
+    channels = np.stack([data, 2 * data, -data], axis=-1)
+    path = write_nifti(tmp_path / "modalities.nii.gz", channels, affine)
+    second = read_volume(path, channel=1)
+    assert np.array_equal(second.array, canonical(2 * data))
+    assert np.allclose(second.affine, read_volume(write_nifti(tmp_path / "one.nii.gz", data, affine)).affine)
+    with pytest.raises(VolumeReadError, match=r"channel 3 does not exist \(channels 0..2"):
+        read_volume(path, channel=3)
+    np.save(tmp_path / "volume.npy", data)
+    with pytest.raises(VolumeReadError, match="4-D NIfTI images only"):
+        read_volume(tmp_path / "volume.npy", channel=0)
+
+
 def test_singular_affine(tmp_path):
     """A header whose sform squashes one axis gives no orientation to reorient by."""
     header = nib.Nifti1Header()

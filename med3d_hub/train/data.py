@@ -205,28 +205,7 @@ def _task_channel(task: TaskConfig, meta: dict, folder: Path) -> int | None:
 # -- reading and checking one case ----------------------------------------------------------------
 
 def _read_image(path: Path, channel: int | None) -> Volume:
-    if channel is None:
-        return read_volume(path)
-    import nibabel as nib
-
-    from ..io import _canonical  # the reader's reorientation, applied to one channel
-
-    try:
-        image = nib.load(path)
-        shape = image.shape
-        if len(shape) == 3:
-            if channel != 0:
-                raise VolumeReadError(f"{path}: has a single channel, but channel {channel} was asked for")
-            array = np.asanyarray(image.dataobj)
-        elif len(shape) == 4 and channel < shape[3]:
-            array = np.asanyarray(image.dataobj[..., channel])
-        else:
-            raise VolumeReadError(f"{path}: shape {shape} has no channel {channel} on its 4th axis")
-    except VolumeReadError:
-        raise
-    except Exception as err:
-        raise VolumeReadError(f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})") from err
-    return _canonical(array, image.affine.astype(np.float64), path)
+    return read_volume(path, channel=channel)
 
 
 def _fingerprint(case: Case) -> list:
