@@ -563,6 +563,35 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """``finetune seg|cls``: the options are ``med3d_hub.finetune.cli``'s; errors keep their lines."""
+    from .finetune.cli import run
+    from .train.checkpoint import CheckpointError
+    from .train.config import ConfigError
+    from .train.data import DataError
+
+    try:
+        return int(run(args) or 0)
+    except (ConfigError, DataError, CheckpointError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except FloatingPointError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return EXIT_FAILED_INPUTS
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import as_json, compare_runs, format_table, plot_comparison
+
+    metric, goal, curves = compare_runs(args.runs, metric=args.metric, target=args.target, labels=args.label)
+    png = plot_comparison(metric, goal, curves, args.output)
+    if args.json:
+        print(as_json(metric, goal, curves))
+    else:
+        _say(args, format_table(metric, goal, curves, args.target), "", f"curves: {png}")
+    return EXIT_OK
+
+
 def _train_available() -> bool:
     import importlib.util
 
@@ -762,6 +791,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_publish)
 
     if _train_available():
+        from .finetune.cli import EPILOG as FINETUNE_EPILOG, add_arguments as finetune_arguments
+
+        p = sub.add_parser("finetune", parents=[common], formatter_class=_Formatter,
+                           help="fine-tune a Med3D encoder: segmentation (MSD task) or classification (CSV)",
+                           description="Fine-tune a Med3D encoder with the paper's transfer recipe (Adam, lr 1e-3 from "
+                                       "pretrained weights, 1e-2 from scratch, new layers faster), on the co-training "
+                                       "engine (checkpoints, resume, metrics.jsonl, DDP, AMP). See docs/transfer.md.")
+        kinds = p.add_subparsers(dest="kind", metavar="seg|cls", title="tasks", required=True)
+        for kind, text in (("seg", "segmentation of an MSD task folder: encoder + decoder, Dice + CE"),
+                           ("cls", "classification of labelled volumes (CSV): encoder + GAP + FC, CE")):
+            q = kinds.add_parser(kind, parents=[common], formatter_class=_Formatter, help=text,
+                                 description=f"Fine-tune a Med3D encoder: {text}.", epilog=FINETUNE_EPILOG[kind])
+            finetune_arguments(q, kind)
+            q.set_defaults(func=cmd_finetune)
+
+        p = sub.add_parser("compare", parents=[common], formatter_class=_Formatter,
+                           help="validation curves of several runs (PNG) and steps-to-target (table)",
+                           description="Plot a validation metric against step and wall time for several runs and "
+                                       "report steps-to-target: the first validated step reaching TARGET x the best "
+                                       "final value. The last run is the baseline of the speed-up column.",
+                           epilog=f"examples:\n  {PROG} compare runs/liver runs/liver-scratch\n"
+                                  f"  {PROG} compare runs/a runs/b --metric dice/Liver --target 0.95 -o liver.png")
+        p.add_argument("runs", nargs="+", metavar="RUN", help="run folders holding metrics.jsonl")
+        p.add_argument("--metric", help="validation key (default: dice_mean, else accuracy)")
+        p.add_argument("--target", type=float, default=0.9, help="fraction of the best final value (default 0.9)")
+        p.add_argument("--label", action="append", metavar="NAME", help="a name per run, in order (default: folder names)")
+        p.add_argument("--output", "-o", default="compare.png", help="the PNG to write (default compare.png)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=cmd_compare)
+
         p = sub.add_parser("train", parents=[common], add_help=False, help="pre-train or fine-tune (see `med3d train --help`)",
                            description="Forwarded to the training package.")
         p.add_argument("train_args", nargs=argparse.REMAINDER)

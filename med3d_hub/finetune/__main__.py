@@ -1,0 +1,5 @@
+"""``python -m med3d_hub.finetune seg|cls ...`` (also under torchrun)."""
+
+from .cli import main
+
+raise SystemExit(main())
