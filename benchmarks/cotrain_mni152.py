@@ -56,7 +56,7 @@ def load_sources() -> dict[str, np.ndarray]:
     return {"t1": t1, "t2": t2_like, "brain": brain.astype(np.uint8), "tissue": tissue}
 
 
-def _rotation(angles) -> torch.Tensor:
+def rotation(angles) -> torch.Tensor:
     a, b, c = (math.radians(v) for v in angles)
     rx = torch.tensor([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
     ry = torch.tensor([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
@@ -69,7 +69,7 @@ def make_case(image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
     spacing = rng.uniform(1.8, 2.6, size=3)
     out_shape = [max(16, int(round(n * 2.0 / s))) for n, s in zip(image.shape, spacing)]
     theta = torch.zeros(3, 4)
-    theta[:, :3] = _rotation(rng.uniform(-10, 10, size=3)).float() * float(rng.uniform(0.9, 1.1))
+    theta[:, :3] = rotation(rng.uniform(-10, 10, size=3)).float() * float(rng.uniform(0.9, 1.1))
     theta[:, 3] = torch.from_numpy(rng.uniform(-0.06, 0.06, size=3)).float()
     grid = F.affine_grid(theta[None], [1, 1, *out_shape], align_corners=False)
     src = torch.from_numpy(image)[None, None]

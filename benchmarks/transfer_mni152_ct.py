@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from cotrain_mni152 import rotation  # the same random warps as the co-training cases
 
 HERE = Path(__file__).resolve().parent
 CT_PROJECT = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
@@ -59,20 +59,12 @@ def ct_brain_label(hu: np.ndarray) -> np.ndarray:
     return ndi.binary_fill_holes(brain).astype(np.uint8)
 
 
-def _rotation(angles) -> torch.Tensor:
-    a, b, c = (math.radians(v) for v in angles)
-    rx = torch.tensor([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
-    ry = torch.tensor([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
-    rz = torch.tensor([[math.cos(c), -math.sin(c), 0], [math.sin(c), math.cos(c), 0], [0, 0, 1]])
-    return rx @ ry @ rz
-
-
 def make_ct_case(hu: np.ndarray, label: np.ndarray, rng: np.random.Generator):
     """One warped, resampled, noisy case of a 2 mm CT; returns image (HU), label, spacing (D, H, W)."""
     spacing = rng.uniform(1.8, 2.6, size=3)
     out_shape = [max(16, int(round(n * 2.0 / s))) for n, s in zip(hu.shape, spacing)]
     theta = torch.zeros(3, 4)
-    theta[:, :3] = _rotation(rng.uniform(-10, 10, size=3)).float() * float(rng.uniform(0.9, 1.1))
+    theta[:, :3] = rotation(rng.uniform(-10, 10, size=3)).float() * float(rng.uniform(0.9, 1.1))
     theta[:, 3] = torch.from_numpy(rng.uniform(-0.06, 0.06, size=3)).float()
     grid = F.affine_grid(theta[None], [1, 1, *out_shape], align_corners=False)
     air = -1024.0

@@ -89,8 +89,7 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def build_config(args: argparse.Namespace):
-    import yaml
-
+    from ..train.cli import parse_set_overrides
     from ..train.config import ConfigError
     from .config import FinetuneConfig, load_finetune_config
 
@@ -119,14 +118,7 @@ def build_config(args: argparse.Namespace):
         from ..train.cli import tasks_from_folders
 
         changes["tasks"] = tasks_from_folders([args.data], cfg.tasks)
-    for item in args.set:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        try:
-            changes[key.strip()] = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({err})") from err
+    changes.update(parse_set_overrides(args.set))
     if "checkpoint_every" not in changes and "val_every" in changes and not args.config:
         changes["checkpoint_every"] = changes["val_every"]
     cfg = cfg.replace(**changes) if changes else cfg

@@ -83,9 +83,23 @@ def tasks_from_folders(folders: list[str], configured: list[TaskConfig]) -> list
     return tasks
 
 
-def build_config(args: argparse.Namespace) -> TrainConfig:
+def parse_set_overrides(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` flags -> {key: value}, each value read as YAML (numbers, lists, ...)."""
     import yaml
 
+    changes = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            changes[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({err})") from err
+    return changes
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
     cfg = load_config(args.config) if args.config else TrainConfig()
     changes = {}
     for flag, key in (("data_root", "data_root"), ("model", "model"), ("steps", "steps"), ("batch_size", "batch_size"),
@@ -97,14 +111,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
             changes[key] = tuple(value) if flag == "crop" else value
     if args.data:
         changes["tasks"] = tasks_from_folders(args.data, cfg.tasks)
-    for item in args.set:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        try:
-            changes[key.strip()] = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({err})") from err
+    changes.update(parse_set_overrides(args.set))
     return cfg.replace(**changes) if changes else cfg
 
 
