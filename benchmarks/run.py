@@ -630,7 +630,7 @@ def render_markdown(report: dict) -> str:
             lines += ["", f"Measured matmul peak ({peak['size']}x{peak['size']}, {peak['threads']} threads): "
                           f"fp32 {fp32_peak:.0f} GFLOP/s{bf16}."]
         lines += ["", "### Forward (backbone to layer4, fp32 unless marked)", "",
-                  "| model | input | path | median s | speedup | GMAC real / nominal | GFLOP/s (real) | % of fp32 matmul peak | max rel. diff | peak RSS GB (+forward) |",
+                  "| model | input | path | median s | speedup | GMAC real / nominal | GFLOP/s (real) | % of matmul peak | max rel. diff | peak RSS GB (+forward) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["forward"]["rows"]:
             label = VARIANT_LABELS[r["variant"]]
@@ -638,7 +638,8 @@ def render_markdown(report: dict) -> str:
                 lines.append(f"| {r['arch']} | {_shape(r['shape'])} | {label} | failed: {r['error'][:80]} | | | | | | |")
                 continue
             extra = f" (compile {r['first_call_s']:.0f} s)" if r["variant"] == "fast_compile" else ""
-            share = f"{100 * r['gflops'] / fp32_peak:.0f}%" if fp32_peak else "-"
+            dtype_peak = peak.get("bfloat16_gflops") if r["variant"] == "fast_bf16" else fp32_peak
+            share = f"{100 * r['gflops'] / dtype_peak:.0f}%" + (" (of bf16)" if r["variant"] == "fast_bf16" else "") if dtype_peak else "-"
             lines.append(
                 f"| {r['arch']} | {_shape(r['shape'])} | {label}{extra} | {r['median_s']:.3f} | {r.get('speedup', 0):.2f}x | "
                 f"{r['macs_real'] / 1e9:.1f} / {r['macs_nominal'] / 1e9:.1f} | {r['gflops']:.0f} | "

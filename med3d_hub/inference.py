@@ -292,8 +292,8 @@ class _CompiledWithFallback:
 
 
 def _compile(model: nn.Module) -> nn.Module:
-    """Compile the method every forward of the model goes through (``forward_stages`` for the zoo's)."""
-    name = "forward_stages" if callable(getattr(model, "forward_stages", None)) else "forward"
+    """Compile the method every forward of the model goes through (``stage_outputs`` for the zoo's)."""
+    name = "stage_outputs" if callable(getattr(model, "stage_outputs", None)) else "forward"
     eager = getattr(model, name)
     try:
         compiled = torch.compile(eager, dynamic=False, options={"freezing": True})
@@ -311,7 +311,7 @@ def optimize_for_inference(model: nn.Module, *, compile: bool = False, inplace: 
     """An eval-only copy of ``model`` that computes the same outputs, faster, in any grad mode.
 
     Works on any zoo model (classifier, embedding, segmentation head, ``features_only``) and keeps
-    its methods (``forward_features``, ``forward_head``, ``forward_stages``, ``feature_info``) and
+    its methods (``forward_features``, ``forward_head``, ``forward_stages``, ``stage_outputs``, ``feature_info``) and
     its state_dict keys less the BatchNorms. BatchNorm is folded once, the weights are frozen and
     channels_last_3d, the blocks and the stem run fused oneDNN primitives on the CPU (module
     docstring), and ``compile=True`` adds ``torch.compile`` with frozen weights, falling back to

@@ -333,18 +333,28 @@ class Med3DResNet(
 
     def forward_stages(self, x: torch.Tensor, last: int = 4) -> list[torch.Tensor]:
         """Stem activation (before the maxpool), then the outputs of layer1..layer`last`."""
-        self._check_input(x)
-        x = self.relu(self.bn1(self.conv1(x)))
-        outs = [x]
-        x = self.maxpool(x)
-        for stage in range(1, last + 1):
-            x = self._run_stage(getattr(self, f"layer{stage}"), x)
-            outs.append(x)
-        return outs
+        return self.stage_outputs(x, tuple(range(last + 1)))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The layer4 feature map (output stride 8 in the Med3D layout)."""
-        return self.forward_stages(x)[-1]
+        return self.stage_outputs(x, (4,))[0]
+
+    def stage_outputs(self, x: torch.Tensor, indices: tuple[int, ...]) -> list[torch.Tensor]:
+        """The maps at ``indices`` (0 = stem, 1-4 = layer1..4), in that order; the others are freed as it goes.
+
+        Every forward runs through here (``optimize_for_inference(compile=True)`` compiles it).
+        Stages after the last requested map are not run.
+        """
+        self._check_input(x)
+        x = self.relu(self.bn1(self.conv1(x)))
+        kept = {0: x} if 0 in indices else {}
+        if max(indices) > 0:
+            x = self.maxpool(x)
+            for stage in range(1, max(indices) + 1):
+                x = self._run_stage(getattr(self, f"layer{stage}"), x)
+                if stage in indices:
+                    kept[stage] = x
+        return [kept[i] for i in indices]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Global average pool + linear head; `pre_logits=True` returns the pooled embedding."""
@@ -383,5 +393,4 @@ class Med3DResNetFeatures(Med3DResNet):
         self.feature_info = FeatureInfo(self.feature_info[i] for i in out_indices)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outs = self.forward_stages(x, last=max(self.out_indices))
-        return [outs[i] for i in self.out_indices]
+        return self.stage_outputs(x, self.out_indices)
