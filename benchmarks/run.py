@@ -152,6 +152,12 @@ def machine_info(threads: int) -> dict:
     }
 
 
+def _gpu_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
 def _native_bf16() -> bool:
     from med3d_hub.features import _native_cpu_amp
 
@@ -319,10 +325,12 @@ def section_forward(runner: Runner, cfg: dict, args) -> dict:
 
     from benchmarks.reference import count_macs
 
+    gpu = args.device.startswith("cuda")
+    bf16 = _gpu_bf16() if gpu else _native_bf16()
     variants = ["upstream", "default", "fast"]
     if not args.no_compile and not args.quick:
         variants.append("fast_compile")
-    if _native_bf16() and not args.quick:
+    if bf16 and not args.quick:
         variants.append("fast_bf16")
     groups = []  # (arch, shape, MACs, jobs), the baseline first in each
     for arch in cfg["forward_archs"]:
@@ -333,12 +341,14 @@ def section_forward(runner: Runner, cfg: dict, args) -> dict:
             for variant in variants:
                 jid = f"forward/{arch}/{'x'.join(map(str, shape))}/{variant}"
                 jobs.append({"id": jid, "kind": "forward", "arch": arch, "shape": list(shape), "variant": variant,
+                             "device": args.device,
                              "weights": str(weights), "warmup": cfg["warmup"], "repeats": cfg["repeats"],
                              "output": str(runner.work / (jid.replace("/", "_") + ".npy"))})
             groups.append((arch, shape, count_macs(arch, shape), jobs))
-    dtypes = ["float32"] + (["bfloat16"] if _native_bf16() else [])
-    peak_job = {"id": "forward/peak", "kind": "peak", "size": 512 if args.quick else 4096, "dtypes": dtypes,
-                "warmup": 1 if args.quick else 2, "repeats": 1 if args.quick else 5}
+    dtypes = ["float32"] + (["bfloat16"] if bf16 else [])
+    peak_job = {"id": "forward/peak", "kind": "peak", "size": 512 if args.quick else (8192 if gpu else 4096),
+                "dtypes": dtypes, "device": args.device, "warmup": 1 if args.quick else 2,
+                "repeats": 1 if args.quick else 5}
     peak = runner.run([peak_job])[peak_job["id"]]
     if peak["ok"]:
         runner.log("  matmul peak: " + ", ".join(f"{d} {peak[d + '_gflops']:.0f} GFLOP/s" for d in dtypes))
@@ -368,7 +378,7 @@ def section_forward(runner: Runner, cfg: dict, args) -> dict:
                     row["max_rel_diff"] = float(np.abs(out - ref).max() / np.abs(ref).max())
                 os.unlink(job["output"])
             rows.append(row)
-    return {"rows": rows, "variants": variants, "peak": peak if peak["ok"] else {}}
+    return {"rows": rows, "variants": variants, "peak": peak if peak["ok"] else {}, "device": args.device}
 
 
 # -- (b) loading ---------------------------------------------------------------------------------------------
@@ -562,6 +572,8 @@ def evaluate_targets(results: dict) -> list[dict]:
     out = []
     forward = results.get("forward", {}).get("rows", [])
     peak = results.get("forward", {}).get("peak", {}).get("float32_gflops")
+    if results.get("forward", {}).get("device", "cpu") != "cpu":
+        forward = []  # the forward targets are CPU ratios
     for variant, key in (("fast", "fast"), ("fast_compile", "fast"), ("default", "default")):
         for row in forward:
             if row["variant"] != variant or "speedup" not in row:
@@ -624,13 +636,17 @@ def render_markdown(report: dict) -> str:
     res = report["results"]
     if "forward" in res:
         peak = res["forward"].get("peak", {})
+        device = res["forward"].get("device", "cpu")
         fp32_peak = peak.get("float32_gflops")
         if fp32_peak:
             bf16 = f", bf16 {peak['bfloat16_gflops']:.0f} GFLOP/s" if peak.get("bfloat16_gflops") else ""
-            lines += ["", f"Measured matmul peak ({peak['size']}x{peak['size']}, {peak['threads']} threads): "
+            where = peak["gpu"] if "gpu" in peak else f"{peak['threads']} threads"
+            lines += ["", f"Measured matmul peak ({peak['size']}x{peak['size']}, {where}): "
                           f"fp32 {fp32_peak:.0f} GFLOP/s{bf16}."]
-        lines += ["", "### Forward (backbone to layer4, fp32 unless marked)", "",
-                  "| model | input | path | median s | speedup | GMAC real / nominal | GFLOP/s (real) | % of matmul peak | max rel. diff | peak RSS GB (+forward) |",
+        memory = "peak GPU memory GB (+forward)" if device != "cpu" else "peak RSS GB (+forward)"
+        lines += ["", f"### Forward on {peak.get('gpu', 'the CPU') if device != 'cpu' else 'the CPU'} (backbone to layer4, fp32 unless marked)", "",
+                  "| model | input | path | median s | speedup | GMAC real / nominal | GFLOP/s (real) | % of matmul peak | "
+                  f"max rel. diff | {memory} |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["forward"]["rows"]:
             label = VARIANT_LABELS[r["variant"]]
@@ -715,12 +731,20 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable CPUs)")
     p.add_argument("--repeats", type=int, help="timed repeats per forward (default 7; quick 2)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variant")
+    p.add_argument("--device", default="cpu",
+                   help="where the forward section runs: cpu (default) or cuda[:N] (AMP bf16, channels_last_3d, "
+                        "cuDNN benchmark; the other sections stay on the CPU)")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                    help="before each section, wait up to this long for load < 0.5 and no other busy python process")
     p.add_argument("--update-docs", action="store_true", help="write the table into docs/performance.md")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (weights, scans, runs)")
     args = p.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    if args.device != "cpu":
+        import torch
+
+        if not args.device.startswith("cuda") or not torch.cuda.is_available():
+            p.error(f"--device {args.device}: this machine has no CUDA device that PyTorch can use; use --device cpu")
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:
         p.error(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")

@@ -68,13 +68,23 @@ def _setup_threads(threads: int | None):
     return torch.get_num_threads()
 
 
-def _timed_runs(fn, warmup: int, repeats: int) -> list[float]:
+def _synchronize(device: str) -> None:
+    """Wait for the GPU's queued work, so that wall-clock times cover it (a no-op on the CPU)."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def _timed_runs(fn, warmup: int, repeats: int, device: str = "cpu") -> list[float]:
     for _ in range(warmup):
         fn()
+    _synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        _synchronize(device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -97,7 +107,8 @@ def _forward_model(job: dict):
     import torch
     from safetensors.torch import load_file
 
-    state = load_file(job["weights"])
+    device = job.get("device", "cpu")
+    state = load_file(job["weights"], device=device)
     variant = job["variant"]
     if variant == "upstream":
         from benchmarks.reference import ReferenceBackbone
@@ -111,6 +122,8 @@ def _forward_model(job: dict):
     model = _without_init(lambda: med3d_hub.create_model(job["arch"], num_classes=0))
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
+    if device.startswith("cuda") and variant != "default":
+        torch.backends.cudnn.benchmark = True  # part of the GPU fast path: cuDNN picks its kernels per shape
     if variant == "default":
         return model, model.forward_features
     if variant in ("fast", "fast_bf16"):
@@ -122,7 +135,7 @@ def _forward_model(job: dict):
     del model
     if variant == "fast_bf16":
         def run(x):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
                 return net.forward_features(x)
 
         return net, run
@@ -134,23 +147,33 @@ def job_forward(job: dict) -> dict:
     import torch
 
     threads = _setup_threads(job.get("threads"))
+    device = job.get("device", "cpu")
+    gpu = device.startswith("cuda")
     torch.manual_seed(job.get("seed", 0))
-    x = torch.randn(tuple(job["shape"]))
+    x = torch.randn(tuple(job["shape"])).to(device)
     start = time.perf_counter()
     net, run = _forward_model(job)
     prepare_s = time.perf_counter() - start
     gc.collect()
     rss_before = rss_bytes()
     exact_peak = reset_peak()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+        gpu_before = torch.cuda.memory_allocated(device)
     with torch.inference_mode():
         start = time.perf_counter()
         out = run(x)
+        _synchronize(device)
         first_s = time.perf_counter() - start
-        times = _timed_runs(lambda: run(x), job["warmup"], job["repeats"])
+        times = _timed_runs(lambda: run(x), job["warmup"], job["repeats"], device)
     peak = peak_bytes()
     if job.get("output"):
-        np.save(job["output"], out.float().contiguous().numpy())
+        np.save(job["output"], out.float().contiguous().cpu().numpy())
+    if gpu:  # the GPU's memory is what matters there: report it in the same fields
+        peak = torch.cuda.max_memory_allocated(device)
+        rss_before, exact_peak = gpu_before, True
     return {
+        "device": device,
         "median_s": statistics.median(times),
         "min_s": min(times),
         "times_s": [round(t, 5) for t in times],
@@ -170,11 +193,15 @@ def job_peak(job: dict) -> dict:
     import torch
 
     threads = _setup_threads(job.get("threads"))
+    device = job.get("device", "cpu")
     n = job["size"]
-    out = {"threads": threads, "size": n}
+    out = {"threads": threads, "size": n, "device": device}
+    if device.startswith("cuda"):
+        out["gpu"] = torch.cuda.get_device_name(device)
     for dtype in job["dtypes"]:
-        a, b = torch.randn(n, n).to(getattr(torch, dtype)), torch.randn(n, n).to(getattr(torch, dtype))
-        times = _timed_runs(lambda: a @ b, job["warmup"], job["repeats"])
+        a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+        b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+        times = _timed_runs(lambda: a @ b, job["warmup"], job["repeats"], device)
         out[f"{dtype}_gflops"] = 2 * n**3 / min(times) / 1e9
     return out
 
