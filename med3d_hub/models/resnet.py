@@ -89,7 +89,9 @@ class BasicBlock(nn.Module):
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(self.drop_path(out) + shortcut)
+        out = self.drop_path(out)
+        out += shortcut  # in place, as upstream: no new map per block (BatchNorm's backward does not need its output)
+        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
@@ -112,7 +114,9 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(self.drop_path(out) + shortcut)
+        out = self.drop_path(out)
+        out += shortcut  # in place, as upstream: no new map per block (BatchNorm's backward does not need its output)
+        return self.relu(out)
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
