@@ -61,8 +61,9 @@ TARGETS = {
 FULL = {
     "forward_archs": ("resnet10", "resnet50"),
     "forward_shapes": ((1, 1, 64, 128, 128), (2, 1, 56, 224, 224)),
-    "warmup": 2,
-    "repeats": 7,
+    "warmup": 1,
+    "repeats": 3,
+    "forward_rounds": 3,  # the variants take turns, a fresh process each, so that drift hits them alike
     "load_archs": ("resnet50", "resnet200"),
     "load_repeats": 5,
     "features_archs": ("resnet10", "resnet50"),
@@ -357,8 +358,11 @@ def section_forward(runner: Runner, cfg: dict, args) -> dict:
         results = runner.run([job for *_, jobs in groups for job in jobs])
     else:
         for arch, shape, _, jobs in groups:
-            for job in jobs:  # each variant in its own fresh process
-                results.update(runner.run([job]))
+            for round_ in range(cfg["forward_rounds"]):
+                for job in jobs:  # each variant in its own fresh process, in turns
+                    r = runner.run([job])[job["id"]]
+                    results[job["id"]] = _merge_rounds(results.get(job["id"]), r)
+            for job in jobs:
                 r = results[job["id"]]
                 if r["ok"]:
                     runner.log(f"  {arch} {'x'.join(map(str, shape))} {job['variant']:13s} {r['median_s']:.3f} s")
@@ -382,6 +386,19 @@ def section_forward(runner: Runner, cfg: dict, args) -> dict:
 
 
 # -- (b) loading ---------------------------------------------------------------------------------------------
+
+
+def _merge_rounds(so_far: dict | None, new: dict) -> dict:
+    """One variant's rounds as one result: every timed run, the first round's first call, the highest peaks."""
+    if so_far is None or not new["ok"]:
+        return new if so_far is None or so_far["ok"] else so_far
+    times = so_far["times_s"] + new["times_s"]
+    merged = {**new, "times_s": times, "median_s": _median(times), "min_s": min(times),
+              "first_call_s": so_far["first_call_s"], "rounds": so_far.get("rounds", 1) + 1}
+    for key in ("peak_bytes", "forward_peak_extra_bytes", "process_peak_bytes"):
+        if so_far.get(key) is not None and new.get(key) is not None:
+            merged[key] = max(so_far[key], new[key])
+    return merged
 
 
 def _write_pth(arch: str, path: Path) -> str:
