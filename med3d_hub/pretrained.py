@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 from . import checkpoints, hub
 from .manifest import WeightsEntry, find_entry, load_entries
 from .models.heads import SegmentationHead
-from .models.resnet import Med3DResNet
+from .models.resnet import init_weights
 from .registry import build_model
 
 log = logging.getLogger(__name__)
@@ -290,7 +290,7 @@ def _init_new_head(model: nn.Module) -> None:
     """A real, freshly initialised head, exactly as a randomly built model would have it."""
     if getattr(model, "seg_classes", None) is not None:
         head = SegmentationHead(model.num_features, model.seg_classes)
-        Med3DResNet._init_weights(head)  # the model's own init rule, applied to the head's modules only
+        init_weights(head)
         model.conv_seg = head
     if getattr(model, "num_classes", 0) > 0:
         model.reset_classifier(model.num_classes)

@@ -122,6 +122,16 @@ class Bottleneck(nn.Module):
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
+def init_weights(module: nn.Module) -> None:
+    """The zoo's random init (upstream's): Kaiming-normal convs, unit BatchNorm; for a model or a new head."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv3d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm3d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class FeatureInfo(list):
     """One dict per returned feature map: `num_chs`, `reduction` (stride w.r.t. the input), `module`."""
 
@@ -273,12 +283,7 @@ class Med3DResNet(
             nn.init.normal_(self.fc.weight, std=0.01)
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv3d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm3d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     # -- PyTorchModelHubMixin: config.json from the model as it is, strict loading ------------------
     def _save_pretrained(self, save_directory) -> None:
