@@ -246,3 +246,21 @@ def test_med3d_finetune_cli_errors_are_one_user_error(tmp_path, capsys):
     assert "'seg' recipe" in capsys.readouterr().err
     assert med3d(["finetune", "seg", "--data", str(tmp_path), "--set", "lrr=1"]) == 2
     assert "did you mean 'lr'" in capsys.readouterr().err
+
+
+def test_quiet_silences_the_progress_lines_only(data, tmp_path, capsys):
+    from med3d_hub import cli
+
+    args = ("--pretrained", str(data["encoder"]), "--num-classes", "2", "--steps", "2")
+    assert _cls(data, tmp_path / "loud", *args) == 0
+    loud = capsys.readouterr().err
+    assert "step" in loud and "done" in loud
+    assert _cls(data, tmp_path / "quiet", *args, "-q") == 0
+    assert capsys.readouterr().err == ""
+    assert cli.main(["finetune", "cls", "--csv", str(data["csv"]), "--cache-dir", str(data["cache"]), "--output",
+                     str(tmp_path / "quiet-cli"), "--batch-size", "4", *COMMON, *args, "-q"]) == 0
+    assert capsys.readouterr().err == ""
+    for run in ("quiet", "quiet-cli"):  # the run itself is the same: metrics and weights written
+        records = read_metrics(tmp_path / run / "metrics.jsonl")
+        assert [r["step"] for r in records if r["kind"] == "train"][-1] == 2
+        assert (tmp_path / run / "model.safetensors").is_file()

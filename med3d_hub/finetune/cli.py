@@ -85,6 +85,7 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
         q = sub.add_parser(kind, help=text, description=f"Fine-tune a Med3D encoder: {text}.", epilog=EPILOG[kind],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         add_arguments(q, kind)
+        q.add_argument("-q", "--quiet", action="store_true", help="no progress lines (errors, metrics and checkpoints stay)")
     return p
 
 
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     from .job import finetune
 
     cfg = build_config(args)
-    return finetune(cfg, resume=args.resume)
+    return finetune(cfg, resume=args.resume, quiet=getattr(args, "quiet", False))
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

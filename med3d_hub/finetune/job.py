@@ -194,9 +194,9 @@ def _preprocess_of(cfg: FinetuneConfig, task) -> dict:
     return Preprocess(spacing=task.spacing, intensity=intensity).to_dict()
 
 
-def finetune(cfg: FinetuneConfig, resume: bool | str | None = None) -> int:
-    """Run (or continue) a fine-tuning; returns the process exit status."""
-    return train(cfg, resume=resume, job=FinetuneJob())
+def finetune(cfg: FinetuneConfig, resume: bool | str | None = None, quiet: bool = False) -> int:
+    """Run (or continue) a fine-tuning; returns the process exit status (``quiet``: no progress lines)."""
+    return train(cfg, resume=resume, job=FinetuneJob(), quiet=quiet)
 
 
 def load_finetuned(run: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:

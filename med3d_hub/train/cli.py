@@ -40,6 +40,7 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], help="mixed precision (GPU only)")
     p.add_argument("--workers", type=int, help="data loader worker processes per training process")
     p.add_argument("--seed", type=int)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines (errors, metrics.jsonl and checkpoints stay)")
     p.add_argument("--skip-bad-cases", action="store_true", default=None,
                    help="warn about unusable cases and train without them instead of stopping")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         cfg = build_config(args)
         from .engine import train
 
-        return train(cfg, resume=args.resume)
+        return train(cfg, resume=args.resume, quiet=args.quiet)
     except (ConfigError, DataError, CheckpointError) as err:
         if is_main:
             print(f"error: {err}", file=sys.stderr)

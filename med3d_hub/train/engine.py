@@ -313,8 +313,11 @@ class Job:
         log(f"done: encoder {path}, metrics {metrics.path}, curves {metrics.png}")
 
 
-def train(cfg: TrainConfig, resume: bool | str | None = None, job: Job | None = None) -> int:
-    """Run (or continue) a co-training, or the training ``job`` describes; returns the exit status."""
+def train(cfg: TrainConfig, resume: bool | str | None = None, job: Job | None = None, quiet: bool = False) -> int:
+    """Run (or continue) a co-training, or the training ``job`` describes; returns the exit status.
+
+    ``quiet`` silences the progress lines; errors, ``metrics.jsonl`` and the checkpoints stay.
+    """
     cfg.check_runnable()
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -323,7 +326,7 @@ def train(cfg: TrainConfig, resume: bool | str | None = None, job: Job | None = 
     stop.install()
     resources: list = []  # closed however the run ends: the output lock, the metrics files
     try:
-        return _train(cfg, ctx, resume, stop, resources, job or Job())
+        return _train(cfg, ctx, resume, stop, resources, job or Job(), quiet)
     finally:
         for resource in reversed(resources):
             resource.close()
@@ -331,8 +334,9 @@ def train(cfg: TrainConfig, resume: bool | str | None = None, job: Job | None = 
         ctx.shutdown()
 
 
-def _train(cfg: TrainConfig, ctx: DistContext, resume, stop: _StopRequest, resources: list, job: Job) -> int:
-    log = _Printer(ctx.is_main)
+def _train(cfg: TrainConfig, ctx: DistContext, resume, stop: _StopRequest, resources: list, job: Job,
+           quiet: bool) -> int:
+    log = _Printer(ctx.is_main and not quiet)
     device = ctx.device
     out = Path(cfg.output)
     ckpt_dir = out / "checkpoints"
