@@ -556,10 +556,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
         description=args.description, medicalnet_pth=args.medicalnet_pth, verify_timeout=args.verify_timeout,
         echo=lambda line: _say(args, line),
     )
-    kwargs = "".join(f", {k}={v!r}" for k, v in published.entry["source"].get("model_kwargs", {}).items())
     _say(args, f"published {published.name}: hf://{published.repo_id}@{published.revision}/{published.entry['filename']}",
          f"  load it with MED3D_HUB_MANIFEST={published.manifest} and "
-         f"med3d_hub.create_model({published.name!r}, pretrained=True{kwargs})")
+         f"med3d_hub.create_model({published.name!r}, pretrained=True)")
     return EXIT_OK
 
 

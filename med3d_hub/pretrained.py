@@ -59,6 +59,7 @@ def create_pretrained(arch: str, tag: str | None, pretrained: Any, **kwargs: Any
     loaded = _load_state_dict(request, settings)
     state_dict = loaded.state_dict
     entry = request.entry or _entry_by_sha(arch, loaded.sha256)
+    kwargs = _with_published_kwargs(entry, kwargs)
 
     shortcut = entry.shortcut if entry else checkpoints.infer_shortcut(state_dict)
     if kwargs.get("shortcut", shortcut) != shortcut:
@@ -72,6 +73,22 @@ def create_pretrained(arch: str, tag: str | None, pretrained: Any, **kwargs: Any
     head = _load_into(model, state_dict, source=request.label)
     model.pretrained_cfg = _cfg(arch, request, entry, loaded, model, head)
     return model
+
+
+_HEAD_ARGS = ("num_classes", "seg_classes", "seg_upsample", "features_only")
+
+
+def _with_published_kwargs(entry: WeightsEntry | None, kwargs: dict) -> dict:
+    """The caller's arguments over the ones the weights were published with (``source.model_kwargs``).
+
+    So a published fine-tuned model comes back with its own head and input channels by name alone.
+    Any head argument of the caller (``num_classes=0`` for the encoder, another head,
+    ``features_only``) replaces the published head as a whole.
+    """
+    published = dict((entry.source.get("model_kwargs") or {}) if entry else {})
+    if any(k in kwargs for k in _HEAD_ARGS):
+        published = {k: v for k, v in published.items() if k not in _HEAD_ARGS}
+    return {**published, **kwargs}
 
 
 # -- what to load -------------------------------------------------------------------------------------

@@ -352,11 +352,16 @@ def test_a_fine_tuned_model_publishes_with_its_head_and_channels(env, tmp_path, 
     assert card["pipeline_tag"] == "image-segmentation" and "model-index" not in card
 
     monkeypatch.setenv("MED3D_HUB_MANIFEST", str(target))
-    loaded = med3d_hub.create_model("resnet10.seg-ft", pretrained=True, **e.source["model_kwargs"]).eval()
+    loaded = med3d_hub.create_model("resnet10.seg-ft", pretrained=True).eval()  # its head and in_chans by name alone
+    assert loaded.seg_classes == 3 and loaded.in_chans == 2
     x = fixed_input(2)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     assert loaded.pretrained_cfg["head"] == "pretrained"
+    encoder = med3d_hub.create_model("resnet10.seg-ft", pretrained=True, num_classes=0).eval()  # the caller's head wins
+    assert encoder.seg_classes is None and encoder.num_classes == 0 and encoder.in_chans == 2
+    with torch.no_grad():
+        assert torch.equal(encoder.forward_features(x), model.forward_features(x))
 
 
 def test_an_upload_through_xet_to_a_server_without_it_is_explained(run_dir, tmp_path, hub_server):
