@@ -231,6 +231,10 @@ def _folded(module: nn.Module) -> bool:
     )
 
 
+def _first_line(err: BaseException) -> str:
+    return str(err).splitlines()[0] if str(err) else ""
+
+
 @functools.cache
 def fused_path_available() -> bool:
     """Whether the fused oneDNN ops exist in this PyTorch and compute what ``conv3d`` computes (checked once)."""
@@ -246,7 +250,7 @@ def fused_path_available() -> bool:
             return True
         reason = f"it differs from conv3d by {float((got - expected).abs().max()):.2g}"
     except Exception as err:  # a PyTorch without oneDNN, or one that changed the op
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        reason = f"{type(err).__name__}: {_first_line(err)}"
     log.warning("the fused oneDNN conv path is unavailable (%s); optimize_for_inference keeps the plain convs", reason)
     return False
 
@@ -257,9 +261,9 @@ def _fuse(model: nn.Module) -> None:
         fused = _FUSED_BLOCKS.get(type(module))
         if fused is not None and _folded(module):
             module.__class__ = fused
-    conv, relu = getattr(model, "conv1", None), getattr(model, "relu", None)
-    if type(conv) is nn.Conv3d and isinstance(getattr(model, "bn1", None), nn.Identity) and isinstance(relu, nn.ReLU) \
-            and _folded(conv):
+    conv = getattr(model, "conv1", None)
+    stem_folded = isinstance(getattr(model, "bn1", None), nn.Identity) and isinstance(getattr(model, "relu", None), nn.ReLU)
+    if type(conv) is nn.Conv3d and stem_folded and _folded(conv):
         conv.__class__ = FusedConvReLU3d
         model.relu = nn.Identity()
 
@@ -284,8 +288,7 @@ class _CompiledWithFallback:
                 return self.compiled(*args, **kwargs)
             except Exception as err:
                 out = self.eager(*args, **kwargs)  # raises if the input itself is wrong
-                first_line = str(err).splitlines()[0] if str(err) else ""
-                log.warning("torch.compile failed (%s: %s); using the eager fast path", type(err).__name__, first_line)
+                log.warning("torch.compile failed (%s: %s); using the eager fast path", type(err).__name__, _first_line(err))
                 self.compiled = None
                 return out
         return self.eager(*args, **kwargs)
@@ -311,8 +314,8 @@ def optimize_for_inference(model: nn.Module, *, compile: bool = False, inplace: 
     """An eval-only copy of ``model`` that computes the same outputs, faster, in any grad mode.
 
     Works on any zoo model (classifier, embedding, segmentation head, ``features_only``) and keeps
-    its methods (``forward_features``, ``forward_head``, ``forward_stages``, ``stage_outputs``, ``feature_info``) and
-    its state_dict keys less the BatchNorms. BatchNorm is folded once, the weights are frozen and
+    its methods (``forward_features``, ``forward_head``, ``forward_stages``, ``stage_outputs``,
+    ``feature_info``) and its state_dict keys less the BatchNorms. BatchNorm is folded once, the weights are frozen and
     channels_last_3d, the blocks and the stem run fused oneDNN primitives on the CPU (module
     docstring), and ``compile=True`` adds ``torch.compile`` with frozen weights, falling back to
     eager with a warning where compilation fails. Outputs equal the plain eval model's within float
