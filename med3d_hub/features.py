@@ -19,14 +19,16 @@ How the work is arranged:
   that type (AVX512-BF16 or AMX) autocast is emulated and hundreds of times slower than fp32, so it
   is refused there unless ``force_amp=True``.
 
-``save_features`` writes ``.npy``, ``.npz`` (features plus the input names), ``.csv`` or
-``.parquet`` atomically: a temporary file in the same folder, then ``os.replace``.
+``save_features`` writes ``.npy``, ``.npz`` (features plus the input names and, when given, their
+provenance as JSON), ``.csv`` or ``.parquet`` atomically: a temporary file in the same folder, then
+``os.replace``. ``load_features`` reads ``.npz`` and ``.npy`` back without unpickling anything.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import tempfile
 import warnings
@@ -53,6 +55,7 @@ __all__ = [
     "describe_preprocess",
     "extract_features",
     "iter_features",
+    "load_features",
     "resolve_device",
     "save_features",
     "write_atomically",
@@ -470,12 +473,15 @@ def _as_list(inputs: Any) -> list:
 # -- writing -----------------------------------------------------------------------------------------
 
 
-def save_features(path: str | os.PathLike, features: Features, names: Sequence[str] | None = None) -> Path:
+def save_features(path: str | os.PathLike, features: Features, names: Sequence[str] | None = None,
+                  provenance: Mapping[str, Any] | None = None) -> Path:
     """Write features atomically; the format follows the suffix.
 
-    ``.npy``: the array alone. ``.npz``: ``features`` (or ``layer1..layer4`` for stage maps) and
-    ``files``, the input names, row for row. ``.csv`` / ``.parquet``: pooled (N, C) features only,
-    one row per input with a ``file`` column then ``f0 .. f{C-1}``.
+    ``.npy``: the array alone. ``.npz``: ``features`` (or ``layer1..layer4`` for stage maps),
+    ``files``, the input names, row for row, and ``provenance``, a JSON object saying how the
+    features were made (see ``med3d_hub.feature_scores.feature_provenance``). ``.csv`` /
+    ``.parquet``: pooled (N, C) features only, one row per input with a ``file`` column then
+    ``f0 .. f{C-1}``. Only ``.npz`` keeps the provenance.
     """
     path = Path(path)
     suffix = _output_suffix(path)
@@ -500,6 +506,8 @@ def save_features(path: str | os.PathLike, features: Features, names: Sequence[s
             np.save(handle, np.asarray(features), allow_pickle=False)
         elif suffix == ".npz":
             arrays = dict(features) if isinstance(features, dict) else {"features": np.asarray(features)}
+            if provenance is not None:
+                arrays["provenance"] = np.array(json.dumps(provenance, sort_keys=True))
             np.savez(handle, files=np.array(names, dtype=str), **arrays)
         elif suffix == ".csv":
             _write_csv(handle, np.asarray(features), names)
@@ -508,6 +516,40 @@ def save_features(path: str | os.PathLike, features: Features, names: Sequence[s
 
     write_atomically(path, write)
     return path
+
+
+@dataclass(frozen=True, eq=False)
+class SavedFeatures:
+    """Features read back from a file: the (N, C) array, the input names and the provenance (or None)."""
+
+    features: np.ndarray
+    names: list[str]
+    provenance: dict | None
+    path: Path
+
+
+def load_features(path: str | os.PathLike) -> SavedFeatures:
+    """Read pooled features written by ``save_features`` (``.npz`` or ``.npy``); nothing is unpickled."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".npz", ".npy"):
+        raise ValueError(f"{path}: read features from the .npz (or .npy) that `med3d features` writes, not {suffix or 'this file'}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such features file")
+    try:
+        if suffix == ".npy":
+            return SavedFeatures(np.load(path, allow_pickle=False), [], None, path)
+        with np.load(path, allow_pickle=False) as data:
+            if "features" not in data:
+                raise ValueError(f"{path}: no 'features' array (stage maps? write pooled features for scoring)")
+            features = data["features"]
+            names = [str(n) for n in data["files"]] if "files" in data else []
+            provenance = json.loads(str(data["provenance"])) if "provenance" in data else None
+    except (OSError, ValueError, KeyError) as err:
+        if str(path) in str(err):
+            raise
+        raise ValueError(f"{path}: not a readable features file ({err})") from None
+    return SavedFeatures(features, names, provenance, path)
 
 
 def check_output(path: str | os.PathLike, maps: str = "pooled") -> Path:
