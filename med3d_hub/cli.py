@@ -457,13 +457,70 @@ def cmd_features(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: all {len(inputs)} input(s) failed; nothing written to {output}", file=sys.stderr)
         return EXIT_FAILED_INPUTS
     features = stack_results(results, maps)
-    save_features(output, features, [r.name for r in results])
+    provenance = None
+    if maps == "pooled":
+        from .feature_scores import feature_provenance
+
+        provenance = feature_provenance(model, preprocess, volumes=len(results), feature_dim=features.shape[1],
+                                        input_shapes=[r.shape for r in results], amp=args.amp)
+    save_features(output, features, [r.name for r in results], provenance=provenance)
     shape = {k: v.shape for k, v in features.items()} if isinstance(features, dict) else features.shape
     _say(args, f"  wrote {output}: {shape} float32 from {len(results)} of {len(inputs)} input(s) in {elapsed:.1f} s")
     if failures:
         print(f"{PROG}: {len(failures)} of {len(inputs)} input(s) failed and have no row in {output}: "
               + ", ".join(r.name for r in failures), file=sys.stderr)
         return EXIT_FAILED_INPUTS
+    return EXIT_OK
+
+
+def cmd_fid(args: argparse.Namespace) -> int:
+    """FID, KID and MMD between two sets: saved features (.npz) or scans, with their provenance."""
+    import shlex
+
+    from .feature_scores import expand_scans, features_of_scans, is_feature_file, read_feature_file, score_sets, split_sets
+    from .features import write_atomically
+
+    sets, model = [], None
+    for group in split_sets(args.inputs):
+        if is_feature_file(group):
+            sets.append(read_feature_file(group[0]))
+            continue
+        if model is None:
+            _check_runtime(args)
+            import torch
+
+            torch.manual_seed(args.seed)  # random weights (--pretrained none) are then the same on every run
+            model, label = load_model(args)
+            preprocess = model_preprocess(model, args.model, preprocess_overrides(args))
+            _say(args, f"{PROG} fid: features of {args.model} with {label}")
+        scans = expand_scans(group)
+        source = group[0] if len(group) == 1 else f"{len(group)} scans in {os.path.dirname(group[0]) or '.'}"
+        _say(args, f"  {source}: {len(scans)} scan(s)")
+        sets.append(features_of_scans(
+            model, scans, preprocess, source=source, seed=args.seed if model.pretrained_cfg is None else None,
+            amp=args.amp, force_amp=args.force_amp, device=args.device, batch_size=args.batch_size, workers=args.workers,
+            progress=(not args.quiet) and sys.stderr.isatty()))
+    report = score_sets(*sets, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+                        bandwidth=args.bandwidth, bootstrap=args.bootstrap, seed=args.seed, force=args.force)
+    report["command"] = shlex.join([PROG, *getattr(args, "argv", [])])
+    for note in report["warnings"]:
+        _warn(note)
+    if args.json:
+        text = json.dumps(report, indent=2) + "\n"
+        if args.json == "-":
+            print(text, end="")
+        else:
+            write_atomically(args.json, lambda handle: handle.write(text.encode("utf-8")))
+    ci = report["fid_ci"]
+    kid, rbf = report["kid"], report["mmd2_rbf"]
+    compared = " vs ".join(f"{s['source']} ({s['volumes']})" for s in report["sets"])
+    if args.json != "-":
+        _say(args, f"FID   {report['fid']:.6g}" + (f"  (95% CI {ci['low']:.6g} .. {ci['high']:.6g}, {ci['resamples']} resamples)" if ci else ""),
+             f"KID   {kid['mean']:.6g} +- {kid['std']:.3g}  ({kid['subsets']} subset(s) of {kid['subset_size']})",
+             f"MMD^2 rbf {rbf['value']:.6g} (bandwidth {rbf['bandwidth']:.6g}), linear {report['mmd2_linear']:.6g}",
+             f"sets  {compared}")
+        if args.json:
+            _say(args, f"wrote {args.json}")
     return EXIT_OK
 
 
@@ -610,6 +667,7 @@ examples:
   {PROG} info resnet50.3dseg8                  parameters, source, licence, preprocessing, sha256
   {PROG} download resnet50.3dseg8              fill the cache ahead (for offline clusters)
   {PROG} features scans/*.nii.gz dicom_dir/ --model resnet50 --pretrained 3dseg8 -o feats.npy
+  {PROG} fid real/ synthetic/ --model resnet50 --json scores.json   FID, KID, MMD with provenance
   {PROG} export runs/3dseg8 --output export/           files ready to upload (nothing is sent)
   {PROG} publish runs/3dseg8 --repo-id org/med3d-resnet10 --tag 3dseg8-v2 --manifest weights.json
 
@@ -654,6 +712,18 @@ examples:
 inputs: NIfTI files (.nii, .nii.gz), folders holding one DICOM series, or 3-D .npy arrays. Rows
 follow the input order; an input that fails is reported on stderr and skipped (exit code 1).
 outputs: .npy (array), .npz (features + file names), .csv / .parquet (file column + f0..fC-1).
+"""
+
+FID_EPILOG = f"""\
+examples:
+  {PROG} fid real/ synthetic/ --model resnet50 --json scores.json      two folders of scans
+  {PROG} fid real/*.nii.gz synthetic/*.nii.gz --model resnet50         files of two folders
+  {PROG} features real/*.nii.gz -o real.npz ; {PROG} fid real.npz synth.npz   saved features, no network
+  {PROG} fid real.npz synthetic/ --bootstrap 1000 --seed 0            a confidence interval
+
+Scores: FID (Frechet distance of the pooled layer4 features, float64), KID (unbiased polynomial-kernel
+MMD^2, mean and std over subsets), unbiased MMD^2 with RBF and linear kernels. Every scan of a set
+must be read: a failed scan is an error, not a smaller set.
 """
 
 DEMO_EPILOG = f"""\
@@ -748,6 +818,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar over the inputs (default: when stderr is a terminal)")
     p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("fid", parents=[common, _model_options("resnet10"), _preprocess_options(), _runtime_options()],
+                       formatter_class=_Formatter, help="FID, KID and MMD between two sets of scans or saved features",
+                       description="Score a generative model: the Frechet distance (FID), KID and MMD between the Med3D "
+                                   "features of two sets, with everything needed to compare the numbers (weights, "
+                                   "sha256, layer, pooling, preprocessing, input size). Saved feature files made "
+                                   "differently are refused. See docs/metrics.md.",
+                       epilog=FID_EPILOG)
+    p.add_argument("inputs", nargs="+", metavar="SET",
+                   help="two folders of scans, two .npz files from `med3d features`, one of each, or real/*.nii.gz fake/*.nii.gz")
+    p.add_argument("--json", metavar="FILE", help="write the scores and their provenance as JSON ('-': stdout)")
+    p.add_argument("--bootstrap", type=_positive_int, metavar="N", default=0, help="a 95%% bootstrap interval of the FID from N resamples")
+    p.add_argument("--seed", type=int, default=0, help="seeds the KID subsets, the bootstrap and random weights (default 0)")
+    p.add_argument("--kid-subsets", type=_positive_int, default=100, metavar="N", help="KID subsets (default 100)")
+    p.add_argument("--kid-subset-size", type=_positive_int, default=1000, metavar="N",
+                   help="volumes per KID subset, capped at the smaller set (default 1000)")
+    p.add_argument("--bandwidth", type=float, metavar="S", help="RBF bandwidth of the MMD (default: the median pairwise distance)")
+    p.add_argument("--force", action="store_true", help="compare feature sets whose provenance differs")
+    p.add_argument("--batch-size", "-b", type=_positive_int, default=1, help="volumes per forward (default 1)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="threads reading ahead of the network (default 1)")
+    p.set_defaults(func=cmd_fid)
 
     p = sub.add_parser("demo", parents=[common, _model_options("resnet10"), _preprocess_options(), _runtime_options()],
                        formatter_class=_Formatter, help="a real scan -> features + a picture",
@@ -879,6 +970,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(exit_.code or 0) if not isinstance(exit_.code, str) else EXIT_USAGE
     args.quiet = getattr(args, "quiet", False)
     args.debug = getattr(args, "debug", False)
+    args.argv = argv
     if getattr(args, "func", None) is None:
         parser.print_help()
         return EXIT_USAGE

@@ -253,15 +253,16 @@ def features_of_scans(model: nn.Module, scans: Sequence[str], preprocess: Prepro
 
 def score_sets(first: FeatureSet, second: FeatureSet, *, kid_subsets: int = 100, kid_subset_size: int = 1000,
                bandwidth: float | None = None, bootstrap: int = 0, seed: int = 0, force: bool = False) -> dict[str, Any]:
-    """FID, KID and MMD between two comparable feature sets, as a JSON-ready report with provenance."""
+    """FID, KID and MMD between two comparable feature sets, as a JSON-ready report with provenance.
+
+    A singular covariance is not warned about but listed in the report's ``warnings``.
+    """
     differences = check_comparable(first, second, force=force)
     a, b = first.features.astype(np.float64), second.features.astype(np.float64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", metrics.SingularCovarianceWarning)
         fid = metrics.fid(a, b)
     notes = sorted({str(w.message) for w in caught if issubclass(w.category, metrics.SingularCovarianceWarning)})
-    for note in notes:
-        warnings.warn(note, metrics.SingularCovarianceWarning, stacklevel=2)
     kid = metrics.kid(a, b, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
     sigma = metrics.median_bandwidth(a, b, seed=seed) if bandwidth is None else float(bandwidth)
     report: dict[str, Any] = {
