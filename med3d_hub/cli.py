@@ -711,7 +711,8 @@ examples:
 
 inputs: NIfTI files (.nii, .nii.gz), folders holding one DICOM series, or 3-D .npy arrays. Rows
 follow the input order; an input that fails is reported on stderr and skipped (exit code 1).
-outputs: .npy (array), .npz (features + file names), .csv / .parquet (file column + f0..fC-1).
+outputs: .npy (array), .npz (features + file names + provenance, for med3d fid), .csv / .parquet
+(file column + f0..fC-1).
 """
 
 FID_EPILOG = f"""\
