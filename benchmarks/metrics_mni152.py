@@ -75,6 +75,14 @@ def write_set(folder: Path, volumes: list[np.ndarray], affine: np.ndarray) -> li
     return paths
 
 
+def table(rows: list[dict]) -> str:
+    """The rows as a markdown table, as docs/metrics.md shows them."""
+    lines = ["| corruption | strength | FID | KID (mean +- std) | MMD^2 (RBF) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['corruption']} | {r['strength']:g} | {r['fid']:.4g} | {r['kid']:.4g} +- {r['kid_std']:.2g} | "
+              f"{r['mmd2_rbf']:.4g} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/med3d-metrics"))
@@ -124,8 +132,8 @@ def main() -> None:
         command = command or report["command"]
         rows.append({"corruption": kind, "strength": strength, "fid": report["fid"], "kid": report["kid"]["mean"],
                      "kid_std": report["kid"]["std"], "mmd2_rbf": report["mmd2_rbf"]["value"]})
-        print(f"{kind:<6} {strength:>5g}  FID {report['fid']:10.4f}  KID {report['kid']['mean']:.5f} "
-              f"+- {report['kid']['std']:.5f}  MMD2 {report['mmd2_rbf']['value']:.5f}", flush=True)
+        print(f"{kind:<6} {strength:>5g}  FID {report['fid']:.4g}  KID {report['kid']['mean']:.4g} "
+              f"+- {report['kid']['std']:.2g}  MMD2 {report['mmd2_rbf']['value']:.4g}", flush=True)
 
     result = {
         "weights": report["provenance"]["weights"], "provenance": report["provenance"], "volumes_per_set": args.n,
@@ -134,11 +142,8 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "metrics_mni152.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["| corruption | strength | FID | KID (mean +- std) | MMD^2 (RBF) |", "|---|---|---|---|---|"]
-    lines += [f"| {r['corruption']} | {r['strength']:g} | {r['fid']:.4f} | {r['kid']:.5f} +- {r['kid_std']:.5f} | "
-              f"{r['mmd2_rbf']:.5f} |" for r in rows]
-    (args.out / "metrics_mni152.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    (args.out / "metrics_mni152.md").write_text(table(rows))
+    print(table(rows), end="")
     print(f"{result['seconds']} s; weights: {result['weights']}")
 
 
