@@ -477,9 +477,14 @@ def cmd_fid(args: argparse.Namespace) -> int:
     """FID, KID and MMD between two sets: saved features (.npz) or scans, with their provenance."""
     import shlex
 
-    from .feature_scores import expand_scans, features_of_scans, is_feature_file, read_feature_file, score_sets, split_sets
+    from .feature_scores import (expand_scans, features_of_scans, is_feature_file, read_feature_file, score_sets,
+                                 split_sets, summary_lines)
     from .features import write_atomically
 
+    if args.json and args.json != "-" and not Path(args.json).expanduser().parent.is_dir():
+        raise UserError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
+    if args.bandwidth is not None and not args.bandwidth > 0:
+        raise UserError(f"--bandwidth must be > 0, got {args.bandwidth}")
     sets, model = [], None
     for group in split_sets(args.inputs):
         if is_feature_file(group):
@@ -511,16 +516,8 @@ def cmd_fid(args: argparse.Namespace) -> int:
             print(text, end="")
         else:
             write_atomically(args.json, lambda handle: handle.write(text.encode("utf-8")))
-    ci = report["fid_ci"]
-    kid, rbf = report["kid"], report["mmd2_rbf"]
-    compared = " vs ".join(f"{s['source']} ({s['volumes']})" for s in report["sets"])
     if args.json != "-":
-        _say(args, f"FID   {report['fid']:.6g}" + (f"  (95% CI {ci['low']:.6g} .. {ci['high']:.6g}, {ci['resamples']} resamples)" if ci else ""),
-             f"KID   {kid['mean']:.6g} +- {kid['std']:.3g}  ({kid['subsets']} subset(s) of {kid['subset_size']})",
-             f"MMD^2 rbf {rbf['value']:.6g} (bandwidth {rbf['bandwidth']:.6g}), linear {report['mmd2_linear']:.6g}",
-             f"sets  {compared}")
-        if args.json:
-            _say(args, f"wrote {args.json}")
+        _say(args, *summary_lines(report), *([f"wrote {args.json}"] if args.json else []))
     return EXIT_OK
 
 

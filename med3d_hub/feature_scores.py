@@ -36,6 +36,7 @@ __all__ = [
     "read_feature_file",
     "score_sets",
     "split_sets",
+    "summary_lines",
 ]
 
 # Provenance fields that change the features; a difference in any of them makes two sets incomparable.
@@ -302,3 +303,15 @@ def _shared(first: dict | None, second: dict | None) -> dict | None:
     if base is None:
         return None
     return {k: v for k, v in base.items() if k not in ("volumes", "input_shapes")}
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """The scores of a report, for people."""
+    ci, kid, rbf = report["fid_ci"], report["kid"], report["mmd2_rbf"]
+    interval = f"  (95% CI {ci['low']:.6g} .. {ci['high']:.6g}, {ci['resamples']} resamples)" if ci else ""
+    return [
+        f"FID   {report['fid']:.6g}{interval}",
+        f"KID   {kid['mean']:.6g} +- {kid['std']:.3g}  ({kid['subsets']} subset(s) of {kid['subset_size']})",
+        f"MMD^2 rbf {rbf['value']:.6g} (bandwidth {rbf['bandwidth']:.6g}), linear {report['mmd2_linear']:.6g}",
+        "sets  " + " vs ".join(f"{s['source']} ({s['volumes']} volumes)" for s in report["sets"]),
+    ]
