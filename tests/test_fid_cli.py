@@ -128,3 +128,5 @@ def test_sets_from_two_folders_of_files_and_bad_input(scans, capsys):
         split_sets(real + noisy + real[:1])
     code, text = run(capsys, "fid", real[0])
     assert code == 2 and "two sets" in text
+    code, text = run(capsys, "fid", str(scans / "real"), str(scans / "noisy"), "--json", str(scans / "missing" / "s.json"))
+    assert code == 2 and "does not exist" in text  # refused before any feature is computed
