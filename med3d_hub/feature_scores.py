@@ -221,8 +221,11 @@ def expand_scans(items: Sequence[str]) -> list[str]:
 
 
 def _is_dicom_series(folder: Path) -> bool:
-    return any(p.is_file() and (p.suffix.lower() == ".dcm" or p.suffix == "") and not p.name.startswith(".")
-               for p in folder.iterdir())
+    """Files named *.dcm or without a suffix, and no NIfTI or .npy scans beside them."""
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if any(p.name.lower().endswith(SCAN_SUFFIXES) for p in files):
+        return False
+    return any(p.suffix.lower() == ".dcm" or p.suffix == "" for p in files)
 
 
 def read_feature_file(path: str) -> FeatureSet:

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("nibabel")
 pytest.importorskip("nilearn")
 
-from scan_files import mni_template, write_nifti  # noqa: E402
+from scan_files import mni_template, write_dicom_series, write_nifti  # noqa: E402
 
 from med3d_hub import cli, metrics  # noqa: E402
 from med3d_hub.feature_scores import features_of_scans, parameters_sha256  # noqa: E402
@@ -118,10 +118,16 @@ def test_features_made_differently_are_refused_unless_forced(scans, capsys, tmp_
     assert code == 2 and "no provenance" in text
 
 
-def test_sets_from_two_folders_of_files_and_bad_input(scans, capsys):
+def test_sets_from_two_folders_of_files_and_bad_input(scans, capsys, tmp_path):
     real = sorted(str(p) for p in (scans / "real").iterdir())
     noisy = sorted(str(p) for p in (scans / "noisy").iterdir())
-    from med3d_hub.feature_scores import split_sets
+    from med3d_hub.feature_scores import expand_scans, split_sets
+
+    data, affine = mni_template()
+    write_nifti(tmp_path / "a.nii.gz", data, affine)
+    write_dicom_series(tmp_path / "series", data, affine)  # a sub-folder holding one DICOM series is one scan
+    (tmp_path / "README").write_text("not a scan")
+    assert expand_scans([str(tmp_path)]) == [str(tmp_path / "a.nii.gz"), str(tmp_path / "series")]
 
     assert split_sets(real + noisy) == [real, noisy]
     with pytest.raises(ValueError, match="not 2"):
