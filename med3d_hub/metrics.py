@@ -12,7 +12,7 @@
 
 Definitions, as in the literature:
 
-* **FID** (Heusel et al. 2017): ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2)`` with
+* **FID** (Heusel et al. 2017): ``sum((mu1 - mu2)^2) + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2)`` with
   unbiased covariances. ``tr((S1 S2)^1/2)`` is the sum of the square roots of the eigenvalues of
   ``F1^T S2 F1`` where ``S1 = F1 F1^T``: a symmetric positive semi-definite matrix, so the square
   root is real and stable (no complex parts, no ``sqrtm`` of a non-symmetric product).
