@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("nibabel")
 pytest.importorskip("nilearn")
+pytest.importorskip("pydicom")
 
 from scan_files import mni_template, write_dicom_series, write_nifti  # noqa: E402
 
