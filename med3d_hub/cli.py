@@ -80,6 +80,9 @@ def _model_options(default_model: str) -> argparse.ArgumentParser:
     g.add_argument("--pretrained", "-p", metavar="WEIGHTS", default=None,
                    help="the model's default weights when left out; a tag (3dseg8, 23datasets), a local MedicalNet "
                         ".pth or .safetensors file, hf://org/repo@rev/file, or 'none' for random weights")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the random init with --pretrained none: the same seed gives the same weights "
+                        "and features (default 0)")
     return group
 
 
@@ -211,7 +214,14 @@ def load_model(args: argparse.Namespace, **kwargs: Any):
 
     name, pretrained = resolve_weights(args.model, args.pretrained)
     if pretrained is False:
-        _warn(f"--pretrained {args.pretrained}: {name} has RANDOM weights; its features carry no learned meaning")
+        import torch
+
+        _warn(f"--pretrained {args.pretrained}: {name} has RANDOM weights (--seed {args.seed}); "
+              "its features carry no learned meaning")
+        with torch.random.fork_rng(devices=[]):  # reproducible weights, and the caller's RNG left as it was
+            torch.manual_seed(args.seed)
+            model = create_model(name, pretrained=False, num_classes=0, **kwargs)
+        return model, weights_label(model, name, pretrained) + f", seed {args.seed}"
     model = create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
     return model, weights_label(model, name, pretrained)
 
@@ -273,7 +283,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         mine = [e for e in entries if e.model == model]
         for e in mine:
             where = f"{e.hf_hub_id}/{e.filename}" if e.hf_hub_id else (e.urls[0] if e.urls else e.filename)
-            rows.append((e.name, "*" if e.default else "", _size(e.size), e.license, where, e.description))
+            rows.append((e.name, "*" if e.default else "", _size(e.size) if e.size else _estimated_size(e.model),
+                         e.license, where, e.description))
         if not mine:
             rows.append((model, "", "", "", "(no pretrained weights: random init only)", ""))
     _print_table(rows)
@@ -296,6 +307,20 @@ def _size(n: int | None) -> str:
     if not n:
         return "?"
     return f"{n / 1e6:.1f} MB"
+
+
+def _estimated_size(arch: str) -> str:
+    """A file's size where the manifest leaves it unknown: the backbone's float32 parameters, shown as about."""
+    import torch
+
+    from .registry import build_model
+
+    try:
+        with torch.device("meta"):  # counts the parameters without allocating them
+            model = build_model(arch, num_classes=0)
+    except Exception:  # an architecture this version cannot build: nothing to estimate
+        return "?"
+    return "~" + _size(4 * sum(p.numel() for p in model.parameters()))
 
 
 def _print_table(rows: Sequence[Sequence[str]]) -> None:
@@ -435,6 +460,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         raise UserError("no inputs: give scan files or DICOM folders, or --inputs-from FILE")
     maps = args.maps
     output = check_output(args.output, maps)
+    _check_inputs_exist(inputs)
     _check_runtime(args)  # option errors first, before any download
     model, label = load_model(args)
     preprocess = model_preprocess(model, args.model, overrides)
@@ -465,6 +491,16 @@ def cmd_features(args: argparse.Namespace) -> int:
               + ", ".join(r.name for r in failures), file=sys.stderr)
         return EXIT_FAILED_INPUTS
     return EXIT_OK
+
+
+def _check_inputs_exist(inputs: list[str]) -> None:
+    """When no input exists there is nothing to do: say so before any weights are fetched.
+
+    Some missing among others are reported and skipped with the other failures (exit code 1).
+    """
+    if not any(Path(p).expanduser().exists() for p in inputs):
+        shown = ", ".join(inputs[:3]) + (f" and {len(inputs) - 3} more" if len(inputs) > 3 else "")
+        raise UserError(f"no such file or folder: {shown}; give NIfTI files, DICOM series folders or .npy arrays")
 
 
 def _read_list(path: str) -> list[str]:
@@ -883,6 +919,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     restore_logging = _configure_logging(args.quiet, args.debug)
+    restore_bars = _silence_download_bars() if args.quiet else (lambda: None)
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -891,7 +928,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - every exception ends here with an exit code
         return _report(err, args.debug, args.command)
     finally:
+        restore_bars()
         restore_logging()
+
+
+def _silence_download_bars():
+    """--quiet: no huggingface_hub progress bar on weight downloads; returns the function that restores them.
+
+    Without --quiet the bar is huggingface_hub's own (shown on a terminal; HF_HUB_DISABLE_PROGRESS_BARS=1
+    hides it).
+    """
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if are_progress_bars_disabled():
+        return lambda: None
+    disable_progress_bars()
+    return enable_progress_bars
 
 
 def _report(err: BaseException, debug: bool, command: str | None = None) -> int:
@@ -920,6 +972,12 @@ def _report(err: BaseException, debug: bool, command: str | None = None) -> int:
     return EXIT_INTERNAL
 
 
+_RANDOM_WAY_OUT = {
+    "": "  - random weights:    --pretrained none (to try the pipeline; the features mean nothing)",
+    "finetune": "  - from scratch:      --pretrained none (the paper's baseline: the same recipe from random weights)",
+}
+
+
 def unreachable_message(err: BaseException, command: str | None = None) -> str:
     """The Hub could not be reached and nothing is cached: say so, and name the ways out."""
     reason = _one_line(str(err).split(" Ways out:")[0])
@@ -930,7 +988,7 @@ def unreachable_message(err: BaseException, command: str | None = None) -> str:
     ]
     if command != "download":
         ways[1:1] = ["  - a local file:      --pretrained /path/to/resnet_10.pth (a MedicalNet .pth or a .safetensors file)"]
-        ways.append("  - random weights:    --pretrained none (to try the pipeline; the features mean nothing)")
+        ways.append(_RANDOM_WAY_OUT.get(command or "", _RANDOM_WAY_OUT[""]))
     return "\n".join([f"{PROG}: error: the pretrained weights could not be fetched: {reason}", "Ways out:", *ways])
 
 
