@@ -310,17 +310,14 @@ def _size(n: int | None) -> str:
 
 
 def _estimated_size(arch: str) -> str:
-    """A file's size where the manifest leaves it unknown: the backbone's float32 parameters, shown as about."""
-    import torch
-
-    from .registry import build_model
+    """A file's size where the manifest leaves it unknown, shown as about: the backbone's tensors in float32."""
+    from .pretrained import _build_without_init
 
     try:
-        with torch.device("meta"):  # counts the parameters without allocating them
-            model = build_model(arch, num_classes=0)
+        model = _build_without_init(arch, {"num_classes": 0})  # on the meta device: shapes only
     except Exception:  # an architecture this version cannot build: nothing to estimate
         return "?"
-    return "~" + _size(4 * sum(p.numel() for p in model.parameters()))
+    return "~" + _size(sum(t.numel() * 4 for t in model.state_dict().values()))
 
 
 def _print_table(rows: Sequence[Sequence[str]]) -> None:
