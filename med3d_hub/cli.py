@@ -512,7 +512,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     from .registry import split_name
 
+    from .demo import DEFAULT_SCANS
+
     overrides = preprocess_overrides(args)
+    paths = [scan for scan in args.scan or () if scan not in DEFAULT_SCANS]
+    if paths:
+        _check_inputs_exist(paths)
     _check_runtime(args)  # option errors first, before any download
     model, label = load_model(args)
     run_demo(

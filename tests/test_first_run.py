@@ -63,6 +63,10 @@ def test_missing_input_is_reported_before_the_weights(offline, tmp_path, capsys)
     assert err.startswith("med3d: error: no such file or folder: ") and "missing.nii.gz" in err
     assert "Hub" not in err and "Ways out" not in err
 
+    code = cli.main(["demo", "--scan", str(tmp_path / "missing.nii.gz"), "--out-dir", str(tmp_path / "demo")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no such file or folder" in err and "Ways out" not in err, err
+
 
 def test_a_text_file_as_weights_is_named_as_such(offline, scan, tmp_path, capsys):
     notes = tmp_path / "notes.txt"
