@@ -457,8 +457,9 @@ def cmd_features(args: argparse.Namespace) -> int:
         raise UserError("no inputs: give scan files or DICOM folders, or --inputs-from FILE")
     maps = args.maps
     output = check_output(args.output, maps)
+    resolve_weights(args.model, args.pretrained)  # option errors first, then the inputs, before any download
+    _check_runtime(args)
     _check_inputs_exist(inputs)
-    _check_runtime(args)  # option errors first, before any download
     model, label = load_model(args)
     preprocess = model_preprocess(model, args.model, overrides)
     _say(args, f"{PROG} features: {len(inputs)} input(s), {args.model} with {label}",
@@ -515,10 +516,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DEFAULT_SCANS
 
     overrides = preprocess_overrides(args)
+    resolve_weights(args.model, args.pretrained)  # option errors first, then the scans, before any download
+    _check_runtime(args)
     paths = [scan for scan in args.scan or () if scan not in DEFAULT_SCANS]
     if paths:
         _check_inputs_exist(paths)
-    _check_runtime(args)  # option errors first, before any download
     model, label = load_model(args)
     run_demo(
         model,
