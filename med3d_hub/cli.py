@@ -510,10 +510,8 @@ def _read_list(path: str) -> list[str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import DEFAULT_SCANS, run_demo
     from .registry import split_name
-
-    from .demo import DEFAULT_SCANS
 
     overrides = preprocess_overrides(args)
     resolve_weights(args.model, args.pretrained)  # option errors first, then the scans, before any download
