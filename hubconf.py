@@ -1,7 +1,7 @@
 """torch.hub entrypoints for the Med3D ResNets.
 
-    model = torch.hub.load("<owner>/<repo>", "resnet50", pretrained=True)
-    model = torch.hub.load("<owner>/<repo>", "create_model", "resnet50.23datasets", pretrained=True)
+    model = torch.hub.load("med3d-hub/med3d-hub", "resnet50", pretrained=True)
+    model = torch.hub.load("med3d-hub/med3d-hub", "create_model", "resnet50.23datasets", pretrained=True)
 
 Each entrypoint takes the arguments of ``med3d_hub.create_model``. Nothing of the package is
 imported until an entrypoint is called, so ``torch.hub.list`` stays fast.

@@ -28,6 +28,8 @@ __all__ = [
 
 HEAD_PREFIXES = ("fc.", "conv_seg.")
 _SHOWN = 12  # key names listed in an error before "and N more"
+# torch.save writes a zip archive (PyTorch >= 1.6) or, before that, a pickle (protocol byte 0x80)
+_TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -51,11 +53,19 @@ def read_state_dict(path: str | os.PathLike, fmt: str) -> dict[str, torch.Tensor
         return strip_prefix(load_file(str(path)))
     if fmt != "medicalnet-pth":
         raise ValueError(f"unknown weights format {fmt!r}; expected 'medicalnet-pth' or 'safetensors'")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head.startswith(_TORCH_SAVE_MAGIC):
+        raise CheckpointMismatchError(
+            f"{path} is not a weights file: neither a PyTorch checkpoint (.pth, .pt) nor safetensors "
+            f"(it starts with {head!r}); give a MedicalNet .pth or a .safetensors file"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # the unpickler raises many types; all mean "not a plain weights file"
         raise CheckpointMismatchError(
-            f"{path} could not be read as a weights file with torch.load(weights_only=True): {error}. "
+            f"{path} looks like a PyTorch checkpoint but could not be read with torch.load(weights_only=True) "
+            f"({type(error).__name__}: {error}). "
             "Only plain tensors and containers are accepted; files that need arbitrary code to unpickle are refused."
         ) from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):

@@ -80,6 +80,9 @@ def _model_options(default_model: str) -> argparse.ArgumentParser:
     g.add_argument("--pretrained", "-p", metavar="WEIGHTS", default=None,
                    help="the model's default weights when left out; a tag (3dseg8, 23datasets), a local MedicalNet "
                         ".pth or .safetensors file, hf://org/repo@rev/file, or 'none' for random weights")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the random init with --pretrained none: the same seed gives the same weights "
+                        "and features; fid also seeds its KID subsets and bootstrap with it (default 0)")
     return group
 
 
@@ -211,7 +214,14 @@ def load_model(args: argparse.Namespace, **kwargs: Any):
 
     name, pretrained = resolve_weights(args.model, args.pretrained)
     if pretrained is False:
-        _warn(f"--pretrained {args.pretrained}: {name} has RANDOM weights; its features carry no learned meaning")
+        import torch
+
+        _warn(f"--pretrained {args.pretrained}: {name} has RANDOM weights (--seed {args.seed}); "
+              "its features carry no learned meaning")
+        with torch.random.fork_rng(devices=[]):  # reproducible weights, and the caller's RNG left as it was
+            torch.manual_seed(args.seed)
+            model = create_model(name, pretrained=False, num_classes=0, **kwargs)
+        return model, weights_label(model, name, pretrained) + f", seed {args.seed}"
     model = create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
     return model, weights_label(model, name, pretrained)
 
@@ -273,7 +283,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         mine = [e for e in entries if e.model == model]
         for e in mine:
             where = f"{e.hf_hub_id}/{e.filename}" if e.hf_hub_id else (e.urls[0] if e.urls else e.filename)
-            rows.append((e.name, "*" if e.default else "", _size(e.size), e.license, where, e.description))
+            rows.append((e.name, "*" if e.default else "", _size(e.size) if e.size else _estimated_size(e.model),
+                         e.license, where, e.description))
         if not mine:
             rows.append((model, "", "", "", "(no pretrained weights: random init only)", ""))
     _print_table(rows)
@@ -296,6 +307,17 @@ def _size(n: int | None) -> str:
     if not n:
         return "?"
     return f"{n / 1e6:.1f} MB"
+
+
+def _estimated_size(arch: str) -> str:
+    """A file's size where the manifest leaves it unknown, shown as about: the backbone's tensors in float32."""
+    from .pretrained import _build_without_init
+
+    try:
+        model = _build_without_init(arch, {"num_classes": 0})  # on the meta device: shapes only
+    except Exception:  # an architecture this version cannot build: nothing to estimate
+        return "?"
+    return "~" + _size(sum(t.numel() * 4 for t in model.state_dict().values()))
 
 
 def _print_table(rows: Sequence[Sequence[str]]) -> None:
@@ -435,7 +457,9 @@ def cmd_features(args: argparse.Namespace) -> int:
         raise UserError("no inputs: give scan files or DICOM folders, or --inputs-from FILE")
     maps = args.maps
     output = check_output(args.output, maps)
-    _check_runtime(args)  # option errors first, before any download
+    resolve_weights(args.model, args.pretrained)  # option errors first, then the inputs, before any download
+    _check_runtime(args)
+    _check_inputs_exist(inputs)
     model, label = load_model(args)
     preprocess = model_preprocess(model, args.model, overrides)
     _say(args, f"{PROG} features: {len(inputs)} input(s), {args.model} with {label}",
@@ -521,6 +545,16 @@ def cmd_fid(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_inputs_exist(inputs: list[str]) -> None:
+    """When no input exists there is nothing to do: say so before any weights are fetched.
+
+    Some missing among others are reported and skipped with the other failures (exit code 1).
+    """
+    if not any(Path(p).expanduser().exists() for p in inputs):
+        shown = ", ".join(inputs[:3]) + (f" and {len(inputs) - 3} more" if len(inputs) > 3 else "")
+        raise UserError(f"no such file or folder: {shown}; give NIfTI files, DICOM series folders or .npy arrays")
+
+
 def _read_list(path: str) -> list[str]:
     try:
         text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
@@ -530,11 +564,15 @@ def _read_list(path: str) -> list[str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import DEFAULT_SCANS, run_demo
     from .registry import split_name
 
     overrides = preprocess_overrides(args)
-    _check_runtime(args)  # option errors first, before any download
+    resolve_weights(args.model, args.pretrained)  # option errors first, then the scans, before any download
+    _check_runtime(args)
+    paths = [scan for scan in args.scan or () if scan not in DEFAULT_SCANS]
+    if paths:
+        _check_inputs_exist(paths)
     model, label = load_model(args)
     run_demo(
         model,
@@ -828,7 +866,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="two folders of scans, two .npz files from `med3d features`, one of each, or real/*.nii.gz fake/*.nii.gz")
     p.add_argument("--json", metavar="FILE", help="write the scores and their provenance as JSON ('-': stdout)")
     p.add_argument("--bootstrap", type=_positive_int, metavar="N", default=0, help="a 95%% bootstrap interval of the FID from N resamples")
-    p.add_argument("--seed", type=int, default=0, help="seeds the KID subsets, the bootstrap and random weights (default 0)")
     p.add_argument("--kid-subsets", type=_positive_int, default=100, metavar="N", help="KID subsets (default 100)")
     p.add_argument("--kid-subset-size", type=_positive_int, default=1000, metavar="N",
                    help="volumes per KID subset, capped at the smaller set (default 1000)")
@@ -973,6 +1010,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     restore_logging = _configure_logging(args.quiet, args.debug)
+    restore_bars = _silence_download_bars() if args.quiet else (lambda: None)
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -981,7 +1019,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - every exception ends here with an exit code
         return _report(err, args.debug, args.command)
     finally:
+        restore_bars()
         restore_logging()
+
+
+def _silence_download_bars():
+    """--quiet: no huggingface_hub progress bar on weight downloads; returns the function that restores them.
+
+    Without --quiet the bar is huggingface_hub's own (shown on a terminal; HF_HUB_DISABLE_PROGRESS_BARS=1
+    hides it).
+    """
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if are_progress_bars_disabled():
+        return lambda: None
+    disable_progress_bars()
+    return enable_progress_bars
 
 
 def _report(err: BaseException, debug: bool, command: str | None = None) -> int:
@@ -1010,6 +1063,12 @@ def _report(err: BaseException, debug: bool, command: str | None = None) -> int:
     return EXIT_INTERNAL
 
 
+_RANDOM_WAY_OUT = {
+    "": "  - random weights:    --pretrained none (to try the pipeline; the features mean nothing)",
+    "finetune": "  - from scratch:      --pretrained none (the paper's baseline: the same recipe from random weights)",
+}
+
+
 def unreachable_message(err: BaseException, command: str | None = None) -> str:
     """The Hub could not be reached and nothing is cached: say so, and name the ways out."""
     reason = _one_line(str(err).split(" Ways out:")[0])
@@ -1020,7 +1079,7 @@ def unreachable_message(err: BaseException, command: str | None = None) -> str:
     ]
     if command != "download":
         ways[1:1] = ["  - a local file:      --pretrained /path/to/resnet_10.pth (a MedicalNet .pth or a .safetensors file)"]
-        ways.append("  - random weights:    --pretrained none (to try the pipeline; the features mean nothing)")
+        ways.append(_RANDOM_WAY_OUT.get(command or "", _RANDOM_WAY_OUT[""]))
     return "\n".join([f"{PROG}: error: the pretrained weights could not be fetched: {reason}", "Ways out:", *ways])
 
 

@@ -133,7 +133,7 @@ def test_the_command_line_names_the_bad_file(tmp_path, two_tasks, capsys):
             "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--steps", "2"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "\nerror: 1 bad case(s) found" in err and str(path) in err
+    assert "\nmed3d: error: 1 bad case(s) found" in err and str(path) in err
 
 
 def test_multichannel_images_need_a_channel(tmp_path):

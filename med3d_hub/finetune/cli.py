@@ -150,9 +150,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return run(args)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
         if is_main:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"med3d: error: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:
         if is_main:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"med3d: error: {err}", file=sys.stderr)
         return 1

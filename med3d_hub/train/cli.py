@@ -19,11 +19,25 @@ from .config import ConfigError, TaskConfig, TrainConfig, load_config
 __all__ = ["build_config", "main", "parser"]
 
 
+EPILOG = """\
+examples:
+  med3d train --config configs/3dseg8.yaml --data-root /data/msd --output runs/3dseg8-r50
+  med3d train --config configs/3dseg8.yaml --data-root /data/msd --output runs/3dseg8-r50 --resume
+  med3d train --data Task09_Spleen --data Task04_Hippocampus --model resnet10 --steps 200 --output runs/try
+  python -m med3d_hub.train.synthetic /tmp/synth --classes 2 3      synthetic MSD tasks to try it out
+  torchrun --nproc_per_node=8 -m med3d_hub.train --config configs/3dseg8.yaml --data-root /data/msd --output runs/r50
+
+A task folder is an MSD task: dataset.json (labels, training list), imagesTr/ and labelsTr/.
+exit codes: 0 done, 1 training diverged (NaN loss), 2 config, data or checkpoint error.
+"""
+
+
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog or "python -m med3d_hub.train",
         description="Co-train a Med3D encoder on MSD segmentation tasks (3DSeg-8), on one or many processes.",
-        epilog="Multi-GPU: torchrun --nproc_per_node=8 -m med3d_hub.train --config configs/3dseg8.yaml",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML config (a local file, or a packaged one such as configs/3dseg8.yaml)")
     p.add_argument("--data", action="append", metavar="FOLDER", help="an MSD task folder; repeat for each task")
@@ -130,9 +144,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return train(cfg, resume=args.resume, quiet=args.quiet)
     except (ConfigError, DataError, CheckpointError) as err:
         if is_main:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"med3d: error: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:
         if is_main:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"med3d: error: {err}", file=sys.stderr)
         return 1

@@ -175,8 +175,10 @@ def _task_classes(task: TaskConfig, meta: dict, folder: Path) -> tuple[int, list
             raise DataError(f"{folder / 'dataset.json'}: 'labels' keys must be integers, got {list(labels)}") from None
     if task.num_classes is None:
         if not names:
+            where = (f"{folder / 'dataset.json'} has no 'labels'" if (folder / "dataset.json").is_file()
+                     else f"{folder} has no dataset.json to take the labels from")
             raise DataError(
-                f"task {task.name!r}: num_classes is not set and {folder / 'dataset.json'} has no 'labels'; "
+                f"task {task.name!r}: num_classes is not set and {where}; "
                 "set num_classes (background included) for this task"
             )
         return len(names), names
@@ -334,6 +336,7 @@ def _plan_task(cfg: TrainConfig, task: TaskConfig, cache_root: Path) -> _TaskPla
             "and point `path`/`data_root` or --data at it"
         )
     meta = read_dataset_json(folder)
+    cases = discover_cases(folder, meta)  # first: a folder that is no MSD task is told so, before its labels
     num_classes, names = _task_classes(task, meta, folder)
     channel = _task_channel(task, meta, folder)
     try:
@@ -342,7 +345,7 @@ def _plan_task(cfg: TrainConfig, task: TaskConfig, cache_root: Path) -> _TaskPla
         raise ConfigError(f"task {task.name!r}: intensity: {err}") from err
     digest = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:10]
     cache = cache_root / f"{task.name}-{digest}"
-    return _TaskPlan(task, folder, cache, num_classes, names, channel, intensity, discover_cases(folder, meta))
+    return _TaskPlan(task, folder, cache, num_classes, names, channel, intensity, cases)
 
 
 def _report_bad(bad: list[tuple[str, str]], skip: bool) -> None:
