@@ -16,7 +16,6 @@ import copy
 import hashlib
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import checkpoints, hub
 from .manifest import WeightsEntry, find_entry, load_entries
+from .model_files import check_finite
 from .models.heads import SegmentationHead
 from .models.resnet import init_weights
 from .registry import build_model
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 __all__ = ["LOADER_ARGS", "create_pretrained"]
 
 LOADER_ARGS = ("cache_dir", "local_files_only", "token")
-CACHE_FORMAT = "med3d_hub.state_dict.v1"
 
 
 @dataclass
@@ -57,7 +56,8 @@ def create_pretrained(arch: str, tag: str | None, pretrained: Any, **kwargs: Any
     settings = hub.settings(**loader)
     request = _request(arch, tag, pretrained)
     loaded = _load_state_dict(request, settings)
-    state_dict = loaded.state_dict
+    state_dict = _as_float32(loaded.state_dict, request.label)
+    check_finite(state_dict, source=request.label)
     entry = request.entry or _entry_by_sha(arch, loaded.sha256)
     kwargs = _with_published_kwargs(entry, kwargs)
 
@@ -136,6 +136,7 @@ class _Loaded(NamedTuple):
 
 def _load_state_dict(request: _Request, s: hub.Settings) -> _Loaded:
     """The zoo-named state dict; converted files are cached by the sha256 of their source."""
+    hub.clean_stale_temporaries(s, request.sources[0] if request.sources and isinstance(request.sources[0], hub.HubFile) else None)
     if request.local is not None:
         return _load_local(request, s)
     expected = request.entry.sha256 if request.entry else None
@@ -160,40 +161,9 @@ def _load_state_dict(request: _Request, s: hub.Settings) -> _Loaded:
         return _convert(fetched.path, fmt, fetched.sha256, request.label, s)
 
 
-_HASH_MEMO_MIN_AGE_S = 5.0
-
-
-def _local_sha256(path: Path, s: hub.Settings) -> str:
-    """The sha256 of a local file, remembered per (path, size, inode, mtime, ctime): an unchanged file is hashed once.
-
-    Hashing runs at about 1 GB/s, half a second for resnet200. Any write to the file sets its ctime,
-    which no user call can set back, so a changed file is hashed again. A file changed within the
-    last few seconds is not remembered, since file timestamps can be that coarse.
-    """
-    st = path.stat()
-    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_ino}|{st.st_mtime_ns}|{st.st_ctime_ns}".encode()).hexdigest()
-    memo = s.cache / "hashes" / key
-    try:
-        known = memo.read_text().strip()
-        if len(known) == 64 and all(c in "0123456789abcdef" for c in known):
-            return known
-    except OSError:
-        pass
-    sha256 = hub.sha256_file(path)
-    if time.time() - max(st.st_mtime, st.st_ctime) > _HASH_MEMO_MIN_AGE_S:
-        try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo.with_name(f".{key}.{os.getpid()}.tmp")
-            tmp.write_text(sha256)
-            os.replace(tmp, memo)
-        except OSError:  # a read-only cache: hash every time
-            pass
-    return sha256
-
-
 def _load_local(request: _Request, s: hub.Settings) -> _Loaded:
     path = request.local
-    sha256 = _local_sha256(path, s)
+    sha256 = hub.sha256_file(path)  # every time (about 1 GB/s): a remembered hash could be stale or forged
     entry = request.entry
     if entry is not None and sha256 != entry.sha256:
         raise hub.ChecksumError(
@@ -222,9 +192,19 @@ def _cached(sha256: str, s: hub.Settings) -> _Loaded | None:
 def _convert(path: Path, fmt: str, sha256: str, label: str, s: hub.Settings) -> _Loaded:
     """Read a verified file once and keep it as safetensors, so later loads never unpickle."""
     state_dict = checkpoints.read_state_dict(path, fmt)
-    metadata = {"format": CACHE_FORMAT, "source_sha256": sha256, "source_format": fmt, "source": label}
+    metadata = {"source_format": fmt, "source": hub.redact(label), "source_bytes": str(os.path.getsize(path)),
+                "architecture": checkpoints.architecture_of_keys(state_dict) or "unknown"}
     hub.store_weights(sha256, state_dict, s, metadata)
     return _Loaded(state_dict, sha256, fmt)
+
+
+def _as_float32(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Floating-point weights stored in another precision (float16, bfloat16, float64), as the float32 models use."""
+    other = sorted({str(v.dtype).replace("torch.", "") for v in state_dict.values() if v.is_floating_point() and v.dtype != torch.float32})
+    if not other:
+        return state_dict
+    log.info("the weights of %s are stored as %s; converted to float32", source, ", ".join(other))
+    return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
 # -- building and loading -----------------------------------------------------------------------------
