@@ -47,11 +47,15 @@ __all__ = [
     "Settings",
     "WeightsDownloadError",
     "CACHE_KINDS",
-    "CachedWeightsError",
+    "CacheUse",
+    "cache_kinds",
     "cache_root",
+    "cache_usage",
     "cached_weights_path",
     "check_hub_file",
     "clean_stale_temporaries",
+    "clear_cache",
+    "hub_repo_folder",
     "fetch",
     "redact",
     "load_cached_weights",
@@ -84,10 +88,6 @@ class ChecksumError(OSError):
 
 class WeightsDownloadError(OSError):
     """The server answered, but not with the file: missing repo, revision or file, no access, a broken transfer."""
-
-
-class CachedWeightsError(OSError):
-    """A converted-weights file in our cache is not what its name says (swapped, truncated, bit-rotted)."""
 
 
 # -- secrets -------------------------------------------------------------------------------------------
@@ -417,12 +417,70 @@ def _safetensors_dtype(t: torch.Tensor) -> str:
     return names.get(t.dtype, str(t.dtype))
 
 
-def verify_cache(s: Settings) -> list[tuple[Path, str | None]]:
-    """Re-hash everything in the cache: (file, problem or None) for each converted and downloaded file.
+def hub_repo_folder(s: Settings, repo_id: str) -> Path:
+    """The folder of a model repo in the Hugging Face cache."""
+    return s.hub_cache / f"models--{repo_id.replace('/', '--')}"
+
+
+@dataclass(frozen=True)
+class CacheUse:
+    """One kind of cached file: where it lies, how many files and bytes."""
+
+    kind: str
+    paths: tuple[Path, ...]
+    files: int
+    bytes: int
+
+
+def _usage(paths: Sequence[Path]) -> tuple[int, int]:
+    files = size = 0
+    for path in paths:
+        for root, _dirs, names in os.walk(path):
+            for name in names:
+                with contextlib.suppress(OSError):
+                    st = os.lstat(os.path.join(root, name))
+                    if not os.path.islink(os.path.join(root, name)):
+                        files, size = files + 1, size + st.st_size
+    return files, size
+
+
+def cache_kinds(s: Settings, repo_ids: Sequence[str] = ()) -> dict[str, tuple[Path, ...]]:
+    """Each kind of cached file and its folders: ours (``CACHE_KINDS``), and ``hub``, the Hugging Face cache's
+    copies of ``repo_ids`` (the repos the manifests name)."""
+    kinds = {kind: (s.cache / kind,) for kind in CACHE_KINDS}
+    kinds["hub"] = tuple(hub_repo_folder(s, r) for r in sorted(set(repo_ids)))
+    return kinds
+
+
+def cache_usage(s: Settings, repo_ids: Sequence[str] = ()) -> list[CacheUse]:
+    """Files and bytes per kind of cached file (see ``cache_kinds``)."""
+    return [CacheUse(kind, paths, *_usage(paths)) for kind, paths in cache_kinds(s, repo_ids).items()]
+
+
+def clear_cache(s: Settings, kinds: Sequence[str], repo_ids: Sequence[str] = ()) -> list[CacheUse]:
+    """Remove the cached files of ``kinds``; returns what was removed. Everything comes back on the next load."""
+    import shutil
+
+    known = cache_kinds(s, repo_ids)
+    unknown = [k for k in kinds if k not in known]
+    if unknown:
+        raise ValueError(f"unknown cache kind(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    removed = []
+    for kind in kinds:
+        paths = known[kind] + ((s.cache / "hashes",) if kind == "weights" else ())  # hashes: an older version's memo
+        removed.append(CacheUse(kind, known[kind], *_usage(paths)))
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def verify_cache(s: Settings, repo_ids: Sequence[str] = (), *, remove: bool = True) -> list[tuple[Path, str | None]]:
+    """Re-hash every cached file: (file, problem or None) for each; bad files are removed unless ``remove=False``.
 
     Converted weights: the header checks of ``load_cached_weights`` and the sha256 of the tensor
     data against the one recorded when the file was written. Mirror downloads: the file's sha256
-    against the folder it is filed under. Nothing is removed here.
+    against the folder it is filed under. Hugging Face cache blobs of ``repo_ids`` named by a
+    sha256 (LFS files): their sha256 against their name, and a bad blob's snapshot links go too.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -438,10 +496,29 @@ def verify_cache(s: Settings) -> list[tuple[Path, str | None]]:
         except (SafetensorError, OSError, ValueError) as error:
             problem = f"unreadable: {error}"
         report.append((path, problem))
+        if problem and remove:
+            path.unlink(missing_ok=True)
     for path in sorted((s.cache / "downloads").glob("*/*")):
         if path.is_file() and not path.name.startswith("."):
             actual = sha256_file(path)
-            report.append((path, None if actual == path.parent.name else f"sha256 {actual}, expected {path.parent.name}"))
+            problem = None if actual == path.parent.name else f"sha256 {actual}, expected {path.parent.name}"
+            report.append((path, problem))
+            if problem and remove:
+                path.unlink(missing_ok=True)
+    for repo_id in sorted(set(repo_ids)):
+        folder = hub_repo_folder(s, repo_id)
+        for blob in sorted((folder / "blobs").glob("*")):
+            if _SHA256.fullmatch(blob.name) and blob.is_file():
+                actual = sha256_file(blob)
+                problem = None if actual == blob.name else f"sha256 {actual}, expected {blob.name}"
+                report.append((blob, problem))
+                if problem and remove:
+                    for root, _dirs, names in os.walk(folder / "snapshots"):
+                        for name in names:
+                            entry = Path(root) / name
+                            if entry.is_symlink() and os.path.realpath(entry) == str(blob.resolve()):
+                                entry.unlink(missing_ok=True)
+                    blob.unlink(missing_ok=True)
     return report
 
 
@@ -553,9 +630,10 @@ def fetch(
                 raise ValueError(f"{label}: a URL source needs a sha256 to check the download against")
             return _fetch_url(source, s, expected_sha256)
         except (HubUnreachableError, ChecksumError, WeightsDownloadError) as error:
-            failures.append((str(source), error))
+            error.args = (redact(error),)  # a server may echo the Authorization header in its answer
+            failures.append((redact(source), error))
             if len(sources) > 1:
-                log.warning("could not get %s from %s: %s", label, source, error)
+                log.warning("could not get %s from %s: %s", label, redact(source), error)
     errors = [e for _, e in failures]
     first = sources[0]
     example = os.path.basename(first.filename if isinstance(first, HubFile) else urlsplit(first).path)
