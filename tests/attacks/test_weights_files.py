@@ -45,7 +45,10 @@ def test_a_damaged_safetensors_file_is_a_user_error_naming_the_file(tmp_path, ca
         path.write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointMismatchError, match=str(path)):
         med3d_hub.create_model("resnet10", pretrained=str(path), num_classes=0)
-    assert cli.main(["features", str(tmp_path / "none.npy"), "-o", str(tmp_path / "f.npy"), "--pretrained", str(path)]) == 2
+    import numpy as np
+
+    np.save(tmp_path / "scan.npy", np.zeros((8, 8, 8), np.float32))
+    assert cli.main(["features", str(tmp_path / "scan.npy"), "-o", str(tmp_path / "f.npy"), "--pretrained", str(path)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "internal error" not in err
 
@@ -54,7 +57,9 @@ def test_a_damaged_safetensors_file_is_a_user_error_naming_the_file(tmp_path, ca
                                           ("preprocess", {"intensity": {"method": {"a": 1}}}), ("shortcut", ["B"]),
                                           ("source", {"paper": "p", "datasets": [], "model_kwargs": [1]})])
 def test_a_manifest_with_wrong_types_exits_2_naming_the_file(tmp_path, monkeypatch, capsys, field, value):
-    path = write_manifest(tmp_path / "m.json", entry("resnet10", "bad", medicalnet_bytes(), **{field: value}))
+    raw = entry("resnet10", "bad", medicalnet_bytes())
+    raw[field] = value
+    path = write_manifest(tmp_path / "m.json", raw)
     monkeypatch.setenv("MED3D_HUB_MANIFEST", str(path))
     assert cli.main(["list"]) == 2
     err = capsys.readouterr().err
@@ -86,7 +91,7 @@ def test_a_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path, monkeypat
     marker = tmp_path / "pwned"
     monkeypatch.setenv("MED3D_PWNED", str(marker))
     path = tmp_path / "evil.pth"
-    path.write_bytes(pickle.dumps({"state_dict": {"conv1.weight": _Payload()}}))
+    path.write_bytes(pickle.dumps({"state_dict": {"conv1.weight": _Payload()}}, protocol=2))
     with pytest.raises(CheckpointMismatchError, match="weights_only"):
         med3d_hub.create_model("resnet10", pretrained=str(path), num_classes=0)
     assert not marker.exists()
