@@ -16,6 +16,7 @@ import copy
 import hashlib
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -132,6 +133,7 @@ class _Loaded(NamedTuple):
     state_dict: dict[str, torch.Tensor]
     sha256: str  # of the file the weights came from
     format: str  # of that file
+    source_sample: str | None = None  # hub.sample_digest of that file, as recorded in the converted copy
 
 
 def _load_state_dict(request: _Request, s: hub.Settings) -> _Loaded:
@@ -161,10 +163,58 @@ def _load_state_dict(request: _Request, s: hub.Settings) -> _Loaded:
         return _convert(fetched.path, fmt, fetched.sha256, request.label, s)
 
 
+_HASH_MEMO_MIN_AGE_S = 5.0
+
+
+class _Identity(NamedTuple):
+    sha256: str
+    sample: str  # hub.sample_digest of the file now
+    remembered: bool  # the sha256 came from the memo, not from hashing the file
+
+
+def _local_identity(path: Path, s: hub.Settings) -> _Identity:
+    """The sha256 of a local file, remembered per (path, size, inode, mtime, ctime): an unchanged file is hashed once.
+
+    Hashing runs at about 1 GB/s, half a second for resnet200. Any write to the file sets its ctime,
+    which no user call can set back, so a changed file is hashed again; a file changed within the
+    last few seconds is not remembered, since timestamps can be that coarse. The memo is a speed-up,
+    not a source of truth: it holds the sha256 with a sampled digest of the file (a few KiB read at
+    fixed offsets), and the caller checks a remembered sha256 before it trusts it (see ``_load_local``).
+    """
+    st = path.stat()
+    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_ino}|{st.st_mtime_ns}|{st.st_ctime_ns}".encode()).hexdigest()
+    memo = s.cache / "hashes" / key
+    sample = hub.sample_digest(path)
+    try:
+        known, _, known_sample = memo.read_text().strip().partition(" ")
+        if hub.is_sha256(known) and known_sample == sample:
+            return _Identity(known, sample, True)
+    except OSError:
+        pass
+    sha256 = hub.sha256_file(path)
+    if time.time() - max(st.st_mtime, st.st_ctime) > _HASH_MEMO_MIN_AGE_S:
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_name(f".{key}.{os.getpid()}.tmp")
+            tmp.write_text(f"{sha256} {sample}")
+            os.replace(tmp, memo)
+        except OSError:  # a read-only cache: hash every time
+            pass
+    return _Identity(sha256, sample, False)
+
+
 def _load_local(request: _Request, s: hub.Settings) -> _Loaded:
+    """A local file's weights; a remembered sha256 is trusted only where it cannot make other weights pass.
+
+    Where it names weights (a tag, or the sha256 of a manifest entry) the file is hashed in full. Where
+    it only finds the converted copy, that copy's record of its source's sampled digest must match
+    this file's; otherwise the file is hashed in full.
+    """
     path = request.local
-    sha256 = hub.sha256_file(path)  # every time (about 1 GB/s): a remembered hash could be stale or forged
+    sha256, sample, remembered = _local_identity(path, s)
     entry = request.entry
+    if remembered and (entry is not None or any(e.sha256 == sha256 for e in load_entries())):
+        sha256, remembered = hub.sha256_file(path), False
     if entry is not None and sha256 != entry.sha256:
         raise hub.ChecksumError(
             f"sha256 mismatch for {path}: expected {entry.sha256} ({entry.name}), got {sha256}. "
@@ -173,7 +223,12 @@ def _load_local(request: _Request, s: hub.Settings) -> _Loaded:
     fmt = checkpoints.detect_format(path)
     if fmt == "safetensors":  # already memory-mapped, nothing to convert
         return _Loaded(checkpoints.read_state_dict(path, fmt), sha256, fmt)
-    if (cached := _cached(sha256, s)) is not None:
+    cached = _cached(sha256, s)
+    if cached is not None and remembered and cached.source_sample != sample:
+        log.warning("the remembered sha256 of %s does not match its converted copy; hashing the file again", path)
+        sha256 = hub.sha256_file(path)
+        cached = _cached(sha256, s)
+    if cached is not None:
         return cached
     with hub.weights_lock(sha256, s):
         if (cached := _cached(sha256, s)) is not None:
@@ -186,13 +241,14 @@ def _cached(sha256: str, s: hub.Settings) -> _Loaded | None:
     if found is None:
         return None
     state_dict, metadata = found
-    return _Loaded(state_dict, sha256, metadata.get("source_format", "medicalnet-pth"))
+    return _Loaded(state_dict, sha256, metadata.get("source_format", "medicalnet-pth"), metadata.get("source_sample"))
 
 
 def _convert(path: Path, fmt: str, sha256: str, label: str, s: hub.Settings) -> _Loaded:
     """Read a verified file once and keep it as safetensors, so later loads never unpickle."""
     state_dict = checkpoints.read_state_dict(path, fmt)
     metadata = {"source_format": fmt, "source": hub.redact(label), "source_bytes": str(os.path.getsize(path)),
+                "source_sample": hub.sample_digest(path),
                 "architecture": checkpoints.architecture_of_keys(state_dict) or "unknown"}
     hub.store_weights(sha256, state_dict, s, metadata)
     return _Loaded(state_dict, sha256, fmt)

@@ -154,3 +154,22 @@ def test_the_old_variable_still_works_with_a_warning(monkeypatch, tmp_path):
         warnings.simplefilter("always")
         assert default_cache_dir() == tmp_path / "old" / "train"
     assert any("MED3D_HUB_CACHE" in str(w.message) for w in caught)
+
+
+def test_a_false_memo_in_the_current_format_cannot_swap_an_untagged_local_file(env, our_cache, tmp_path, caplog):
+    """The memo names another file's sha256 (with this file's own sampled digest): the converted copy it would
+    pick recorded another source, so the file is hashed again and its own weights load. Neither file is in a
+    manifest, so nothing but the cache lookup depends on the memo."""
+    one, two = medicalnet_bytes("resnet10", seed=2), medicalnet_bytes("resnet10", seed=3)
+    first, other = tmp_path / "one.pth", tmp_path / "other.pth"
+    first.write_bytes(one)
+    other.write_bytes(two)
+    med3d_hub.create_model("resnet10", pretrained=str(first), num_classes=0)  # converts one into the cache
+    st = other.stat()
+    key = hashlib.sha256(f"{other.resolve()}|{st.st_size}|{st.st_ino}|{st.st_mtime_ns}|{st.st_ctime_ns}".encode()).hexdigest()
+    (our_cache / "hashes").mkdir(parents=True, exist_ok=True)
+    (our_cache / "hashes" / key).write_text(f"{hashlib.sha256(one).hexdigest()} {hub.sample_digest(other)}")
+    with caplog.at_level(logging.WARNING, logger="med3d_hub"):
+        model = med3d_hub.create_model("resnet10", pretrained=str(other), num_classes=0)
+    assert_weights(model, two)
+    assert model.pretrained_cfg["sha256"] == hashlib.sha256(two).hexdigest()
