@@ -94,11 +94,10 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "module."
 
 def architecture_of_keys(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     """The zoo architecture whose block type and blocks per stage these backbone keys have (None if none fits)."""
-    from .models.resnet import ARCHITECTURES
+    from .model_files import architecture_of
 
     block = "bottleneck" if any(k.endswith(".conv3.weight") for k in state_dict) else "basic"
-    layers = tuple(len({k.split(".")[1] for k in state_dict if k.startswith(f"layer{i}.")}) for i in range(1, 5))
-    return next((name for name, spec in ARCHITECTURES.items() if spec["block"] == block and spec["layers"] == layers), None)
+    return architecture_of(block, (len({k.split(".")[1] for k in state_dict if k.startswith(f"layer{i}.")}) for i in range(1, 5)))
 
 
 def split_head(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

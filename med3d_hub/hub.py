@@ -241,7 +241,7 @@ def cache_root(hf_home: Path | None = None) -> Path:
         warnings.warn(
             f"{OLD_CACHE_ENV} is deprecated: set {CACHE_ENV} instead (the one cache root; the training cache "
             f"is its train/ folder)",
-            DeprecationWarning,
+            FutureWarning,  # shown to users by default, unlike DeprecationWarning
             stacklevel=2,
         )
         return Path(os.path.expanduser(os.environ[OLD_CACHE_ENV]))
