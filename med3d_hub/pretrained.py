@@ -6,7 +6,10 @@ without a wasted random initialisation. Heads the weights do not have are initia
 logged); ``in_chans != 1`` adapts the first conv (see ``checkpoints.adapt_in_chans``).
 
 ``pretrained`` may be True (the tag's weights, or the depth's default), a local file, or an
-``hf://org/repo@revision/file`` reference. Loader options, meaningful only with weights:
+``hf://org/repo@revision/file`` reference. A ``.pth`` (downloaded or local) is converted once into
+the cache root (``weights/<sha256>.safetensors``, see ``hub.cache_root``); every load checks that the
+converted copy is the one of these source bytes. Weights in another float precision are converted
+to float32; weights holding NaN or infinity are refused. Loader options, meaningful only with weights:
 ``cache_dir`` (huggingface_hub's cache), ``local_files_only`` and ``token``.
 """
 
