@@ -228,22 +228,24 @@ def _seconds(name: str) -> float:
     return value
 
 
+_warned_old_env: list[bool] = []  # once per process
+
+
 def cache_root(hf_home: Path | None = None) -> Path:
     """The one folder the package keeps things in: ``$MED3D_HUB_CACHE``, else ``$HF_HOME/med3d_hub``.
 
-    ``MED3D_CACHE`` (the old training-cache variable) still works, with a deprecation warning.
+    ``MED3D_CACHE`` (the old training-cache variable) still works, with a deprecation warning (once).
     """
     if os.environ.get(CACHE_ENV):
         return Path(os.path.expanduser(os.environ[CACHE_ENV]))
     if os.environ.get(OLD_CACHE_ENV):
-        import warnings
-
-        warnings.warn(
-            f"{OLD_CACHE_ENV} is deprecated: set {CACHE_ENV} instead (the one cache root; the training cache "
-            f"is its train/ folder)",
-            FutureWarning,  # shown to users by default, unlike DeprecationWarning
-            stacklevel=2,
-        )
+        if not _warned_old_env:
+            _warned_old_env.append(True)
+            log.warning(
+                "%s is deprecated: set %s instead (the one cache root; the training cache is its train/ folder)",
+                OLD_CACHE_ENV,
+                CACHE_ENV,
+            )
         return Path(os.path.expanduser(os.environ[OLD_CACHE_ENV]))
     if hf_home is None:
         from huggingface_hub import constants

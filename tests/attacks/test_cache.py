@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import shutil
-import warnings
 
 import pytest
 import torch
@@ -145,15 +144,16 @@ def test_one_cache_root_for_weights_and_training(monkeypatch, tmp_path):
     assert hub.settings().cache == tmp_path / "hf" / "med3d_hub"
 
 
-def test_the_old_variable_still_works_with_a_warning(monkeypatch, tmp_path):
+def test_the_old_variable_still_works_with_a_warning(monkeypatch, tmp_path, caplog):
     from med3d_hub.train.data import default_cache_dir
 
     monkeypatch.delenv("MED3D_HUB_CACHE", raising=False)
     monkeypatch.setenv("MED3D_CACHE", str(tmp_path / "old"))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    monkeypatch.setattr(hub, "_warned_old_env", [])
+    with caplog.at_level(logging.WARNING, logger="med3d_hub"):
         assert default_cache_dir() == tmp_path / "old" / "train"
-    assert any("MED3D_HUB_CACHE" in str(w.message) for w in caught)
+        assert hub.settings().cache == tmp_path / "old"
+    assert caplog.text.count("MED3D_HUB_CACHE") == 1
 
 
 def test_a_false_memo_in_the_current_format_cannot_swap_an_untagged_local_file(env, our_cache, tmp_path, caplog):
