@@ -18,6 +18,7 @@ __all__ = [
     "HEAD_PREFIXES",
     "CheckpointMismatchError",
     "adapt_in_chans",
+    "architecture_of_keys",
     "check_backbone",
     "detect_format",
     "infer_shortcut",
@@ -37,7 +38,9 @@ class CheckpointMismatchError(RuntimeError):
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """``"safetensors"`` or ``"medicalnet-pth"`` (a torch.save file), from the file's first bytes."""
+    """``"safetensors"`` or ``"medicalnet-pth"`` (a torch.save file), from the name and the file's first bytes."""
+    if os.fspath(path).lower().endswith(".safetensors"):
+        return "safetensors"
     with open(path, "rb") as f:
         head = f.read(9)
     if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000:
@@ -48,9 +51,16 @@ def detect_format(path: str | os.PathLike) -> str:
 def read_state_dict(path: str | os.PathLike, fmt: str) -> dict[str, torch.Tensor]:
     """The zoo-named state dict in a weights file: no ``module.`` prefixes, tensors only."""
     if fmt == "safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return strip_prefix(load_file(str(path)))
+        try:
+            return strip_prefix(load_file(str(path)))
+        except (SafetensorError, ValueError, OSError, RuntimeError) as error:
+            raise CheckpointMismatchError(
+                f"{path} is not a readable safetensors file ({error}): it is damaged, truncated or not safetensors; "
+                "re-download or re-export it"
+            ) from None
     if fmt != "medicalnet-pth":
         raise ValueError(f"unknown weights format {fmt!r}; expected 'medicalnet-pth' or 'safetensors'")
     with open(path, "rb") as f:
@@ -90,6 +100,14 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "module."
             raise CheckpointMismatchError(f"keys {key!r} and another both become {name!r} without {prefix!r}")
         out[name] = value
     return out
+
+
+def architecture_of_keys(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The zoo architecture whose block type and blocks per stage these backbone keys have (None if none fits)."""
+    from .model_files import architecture_of
+
+    block = "bottleneck" if any(k.endswith(".conv3.weight") for k in state_dict) else "basic"
+    return architecture_of(block, (len({k.split(".")[1] for k in state_dict if k.startswith(f"layer{i}.")}) for i in range(1, 5)))
 
 
 def split_head(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -45,7 +45,9 @@ class UserError(Exception):
 
 
 def _one_line(message: str) -> str:
-    return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    from .hub import redact
+
+    return "; ".join(part.strip() for part in redact(message).splitlines() if part.strip())
 
 
 def _say(args: argparse.Namespace, *lines: str) -> None:
@@ -56,7 +58,9 @@ def _say(args: argparse.Namespace, *lines: str) -> None:
 
 
 def _warn(message: str) -> None:
-    print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+    from .hub import redact
+
+    print(f"{PROG}: warning: {redact(message)}", file=sys.stderr, flush=True)
 
 
 # -- shared options ---------------------------------------------------------------------------------
@@ -435,6 +439,62 @@ def cmd_download(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _manifest_repos() -> list[str]:
+    from .manifest import load_entries
+
+    return sorted({e.hf_hub_id for e in load_entries() if e.hf_hub_id})
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from . import hub
+
+    s = hub.settings()
+    repos = _manifest_repos()
+    if args.action != "clear" and args.kinds:
+        raise UserError(f"{PROG} cache {args.action} takes no kind; kinds go with `{PROG} cache clear`")
+    if args.action == "list":
+        usage = hub.cache_usage(s, repos)
+        if args.json:
+            print(json.dumps({"root": str(s.cache), "hub_cache": str(s.hub_cache), "kinds": [
+                {"kind": u.kind, "paths": [str(p) for p in u.paths], "files": u.files, "bytes": u.bytes} for u in usage
+            ]}, indent=2))
+            return EXIT_OK
+        print(f"cache root: {s.cache}  (set {hub.CACHE_ENV} to move it)")
+        rows = [("kind", "files", "size", "where")]
+        for u in usage:
+            where = str(u.paths[0]) if len(u.paths) == 1 else f"{len(u.paths)} repos in {s.hub_cache}"
+            rows.append((u.kind, str(u.files), _bytes(u.bytes), where))
+        _print_table(rows)
+        return EXIT_OK
+    if args.action == "clear":
+        kinds = args.kinds or list(hub.cache_kinds(s, repos))
+        try:
+            removed = hub.clear_cache(s, kinds, repos)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        for u in removed:
+            _say(args, f"{u.kind}: removed {u.files} file(s), {_bytes(u.bytes)}")
+        return EXIT_OK
+    report = hub.verify_cache(s, repos)
+    bad = [(path, problem) for path, problem in report if problem]
+    if args.json:
+        print(json.dumps([{"file": str(p), "ok": q is None, "problem": q} for p, q in report], indent=2))
+    else:
+        for path, problem in bad:
+            print(f"{PROG}: removed {path}: {problem}", file=sys.stderr)
+        _say(args, f"verified {len(report)} cached file(s) in {s.cache} and {s.hub_cache}: "
+                   f"{len(report) - len(bad)} good, {len(bad)} bad (removed; they are fetched again when needed)")
+    return EXIT_FAILED_INPUTS if bad else EXIT_OK
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
 def _check_runtime(args: argparse.Namespace) -> None:
     """Device, autocast and threads, checked before the weights are fetched."""
     from .features import check_amp, resolve_device
@@ -456,7 +516,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     if not inputs:
         raise UserError("no inputs: give scan files or DICOM folders, or --inputs-from FILE")
     maps = args.maps
-    output = check_output(args.output, maps)
+    output = check_output(args.output, maps, inputs)
     resolve_weights(args.model, args.pretrained)  # option errors first, then the inputs, before any download
     _check_runtime(args)
     _check_inputs_exist(inputs)
@@ -470,6 +530,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     for result in iter_features(
         model, inputs, preprocess=preprocess, maps=maps, batch_size=args.batch_size, device=args.device,
         amp=args.amp, force_amp=args.force_amp, fast=not args.no_fast, workers=args.workers, progress=progress,
+        nan_policy=args.nan_policy,
     ):
         if result.ok:
             results.append(result)
@@ -853,6 +914,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the plain model instead of the BatchNorm-folded channels_last copy (same results)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar over the inputs (default: when stderr is a terminal)")
+    p.add_argument("--nan-policy", choices=("error", "zero"), default="error",
+                   help="an input with NaN or infinite voxels fails (error, the default) or has them set to 0 (zero)")
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("fid", parents=[common, _model_options("resnet10"), _preprocess_options(), _runtime_options()],
@@ -874,6 +937,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", "-b", type=_positive_int, default=1, help="volumes per forward (default 1)")
     p.add_argument("--workers", type=_positive_int, default=1, help="threads reading ahead of the network (default 1)")
     p.set_defaults(func=cmd_fid)
+
+    p = sub.add_parser("cache", parents=[common], formatter_class=_Formatter,
+                       help="where the caches are, their sizes; clear or verify them",
+                       description="The package keeps converted weights, mirror downloads and preprocessed training "
+                                   "data under one root: $MED3D_HUB_CACHE, else $HF_HOME/med3d_hub (HF_HOME defaults "
+                                   "to ~/.cache/huggingface). Hub downloads stay in huggingface_hub's cache; 'hub' "
+                                   "lists the repos the manifests name there. Everything here is rebuilt on demand.",
+                       epilog=f"examples:\n  {PROG} cache                  sizes per kind\n"
+                              f"  {PROG} cache clear train      remove the preprocessed training data\n"
+                              f"  {PROG} cache clear            remove everything listed\n"
+                              f"  {PROG} cache verify           re-hash every cached file, remove bad ones")
+    p.add_argument("action", nargs="?", choices=("list", "clear", "verify"), default="list",
+                   help="list (default), clear or verify")
+    p.add_argument("kinds", nargs="*", metavar="KIND", help="clear: weights, downloads, train or hub (default: all)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("demo", parents=[common, _model_options("resnet10"), _preprocess_options(), _runtime_options()],
                        formatter_class=_Formatter, help="a real scan -> features + a picture",
@@ -959,6 +1038,15 @@ def build_parser() -> argparse.ArgumentParser:
 _LOGGERS = ("med3d_hub", "py.warnings")
 
 
+class _RedactingFormatter(logging.Formatter):
+    """Log lines (tracebacks included) without tokens."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from .hub import redact
+
+        return redact(super().format(record))
+
+
 def _configure_logging(quiet: bool, debug: bool):
     """Route the package's log records and Python warnings to stderr as ``med3d: ...`` lines.
 
@@ -967,7 +1055,7 @@ def _configure_logging(quiet: bool, debug: bool):
     """
     saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in map(logging.getLogger, _LOGGERS)]
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s" if debug else f"{PROG}: %(message)s"))
+    handler.setFormatter(_RedactingFormatter(f"{PROG}: %(levelname)s: %(message)s" if debug else f"{PROG}: %(message)s"))
     for name, level in zip(_LOGGERS, (logging.DEBUG if debug else logging.WARNING, logging.WARNING)):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
@@ -1043,7 +1131,9 @@ def _report(err: BaseException, debug: bool, command: str | None = None) -> int:
     from .publish import PublishError, PublishRefused
 
     if debug:
-        traceback.print_exception(err)
+        from .hub import redact
+
+        print(redact("".join(traceback.format_exception(err))), file=sys.stderr, end="")
     if isinstance(err, HubUnreachableError) and command == "publish":
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_UNREACHABLE

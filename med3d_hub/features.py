@@ -48,6 +48,7 @@ from .preprocess import Preprocess, transforms_for
 
 __all__ = [
     "MAPS",
+    "NAN_POLICIES",
     "FeatureExtractionError",
     "FeatureResult",
     "check_amp",
@@ -67,6 +68,7 @@ __all__ = [
 MAPS = ("pooled", "layer4", "stages")
 STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
 OUTPUT_FORMATS = (".npy", ".npz", ".csv", ".parquet")
+NAN_POLICIES = ("error", "zero")  # what to do with NaN or infinite voxels in an input
 
 Input = Union[str, os.PathLike, Volume, np.ndarray]
 Features = Union[np.ndarray, dict]
@@ -244,6 +246,30 @@ def _as_transform(preprocess: Any, model: nn.Module) -> Callable[[Any], torch.Te
     )
 
 
+def _finite_first(transform: Callable, nan_policy: str) -> Callable:
+    """``transform`` after a check of the input's voxels: NaN or infinite ones are an error, or zeros by request."""
+
+    def checked(source: Any) -> Any:
+        array = source.array if isinstance(source, Volume) else source
+        if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.inexact):
+            return transform(source)
+        bad = ~np.isfinite(array)
+        count = int(np.count_nonzero(bad))
+        if not count:
+            return transform(source)
+        if nan_policy == "error":
+            raise ValueError(
+                f"{count:,} of {array.size:,} voxels are NaN or infinite; fix the scan, or pass "
+                "--nan-policy zero (nan_policy='zero') to set them to 0"
+            )
+        array = np.where(bad, np.zeros((), array.dtype), array)
+        if isinstance(source, Volume):
+            return transform(Volume(array=array, spacing=source.spacing, affine=source.affine, source=source.source))
+        return transform(array)
+
+    return checked
+
+
 def _load(item: Any, name: str, transform: Callable) -> tuple[torch.Tensor | None, str | None]:
     """Read and preprocess one input; an error becomes a message that names the input."""
     try:
@@ -302,6 +328,7 @@ def iter_features(
     workers: int = 1,
     prefetch: int | None = None,
     progress: bool = False,
+    nan_policy: str = "error",
 ) -> Iterator[FeatureResult]:
     """Yield one ``FeatureResult`` per input, in input order; failures are results, not exceptions.
 
@@ -315,7 +342,9 @@ def iter_features(
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     _check_model(model, maps)
-    transform = _as_transform(preprocess, model)
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}")
+    transform = _finite_first(_as_transform(preprocess, model), nan_policy)
     device = resolve_device(device, model)
     amp_dtype = check_amp(amp, device, force=force_amp)
     items = _as_list(inputs)
@@ -390,6 +419,7 @@ def extract_features(
     fast: bool = True,
     workers: int = 1,
     progress: bool = False,
+    nan_policy: str = "error",
 ) -> Features:
     """Features of each input, stacked in input order.
 
@@ -409,13 +439,15 @@ def extract_features(
         fast: run the BatchNorm-folded, channels_last_3d copy of the model (same outputs).
         workers: threads that read and preprocess ahead of the forward.
         progress: show a progress bar over the inputs (needs tqdm).
+        nan_policy: "error" (an input with NaN or infinite voxels fails, naming the count) or
+            "zero" (such voxels are set to 0 before preprocessing).
 
     Raises ``FeatureExtractionError`` naming every input that failed (no partial result).
     """
     results = list(
         iter_features(
             model, inputs, preprocess=preprocess, maps=maps, batch_size=batch_size, device=device,
-            amp=amp, force_amp=force_amp, fast=fast, workers=workers, progress=progress,
+            amp=amp, force_amp=force_amp, fast=fast, workers=workers, progress=progress, nan_policy=nan_policy,
         )
     )
     failed = [(r.name, r.error) for r in results if not r.ok]
@@ -552,9 +584,16 @@ def load_features(path: str | os.PathLike) -> SavedFeatures:
     return SavedFeatures(features, names, provenance, path)
 
 
-def check_output(path: str | os.PathLike, maps: str = "pooled") -> Path:
-    """Check before a long run that ``path`` can take these features: type, folder, libraries."""
+def check_output(path: str | os.PathLike, maps: str = "pooled", inputs: Iterable[Any] = ()) -> Path:
+    """Check before a long run that ``path`` can take these features: type, folder, writable, not an input, libraries.
+
+    Also removes temporary files an interrupted write to ``path`` left behind (see ``write_atomically``).
+    """
     path = Path(path)
+    for item in inputs:
+        if isinstance(item, (str, os.PathLike)) and _same_file(path, Path(item)):
+            raise ValueError(f"the output {path} is the input {os.fspath(item)}: writing it would destroy the scan; "
+                             "choose another output file")
     suffix = _output_suffix(path)
     if maps == "stages" and suffix != ".npz":
         raise ValueError(f"--maps stages gives several arrays; write them to a .npz file, not {suffix}")
@@ -562,9 +601,40 @@ def check_output(path: str | os.PathLike, maps: str = "pooled") -> Path:
         raise ValueError(f"{suffix} holds one row per input, so only pooled features fit; write .npy or .npz")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a folder; give a file name such as {path / 'features.npz'}")
+    try:
+        with tempfile.TemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as error:
+        raise PermissionError(f"cannot write {path}: the folder {path.parent} is not writable ({error.strerror or error})") from None
+    _remove_stale_temporaries(path)
     if suffix == ".parquet":
         _parquet_libraries()
     return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file, through links and relative parts (False when either does not exist)."""
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+STALE_OUTPUT_S = 3600.0  # a temporary output untouched this long was left by a killed run
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove ``.<name>.*.tmp`` files next to ``path`` that a killed run left (untouched for an hour)."""
+    import glob
+    import time
+
+    cutoff = time.time() - STALE_OUTPUT_S
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if leftover.is_file() and leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
 
 
 def _output_suffix(path: Path) -> str:

@@ -28,7 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Volume", "VolumeReadError", "read_volume"]
+__all__ = ["MAX_VOXELS_ENV", "Volume", "VolumeReadError", "max_voxels", "read_volume"]
+
+MAX_VOXELS_ENV = "MED3D_MAX_VOXELS"
+DEFAULT_MAX_VOXELS = 1 << 30  # 1024^3: eight times a whole-body CT at 512 x 512 x 2000
+_DEFLATE_MAX_RATIO = 1032  # gzip cannot expand more than this: a claim beyond it is a lie
 
 # (d, h, w) -> (i, j, k): the canonical array is array[k, j, i] of the RAS+ voxel array.
 _DHW_TO_IJK = np.array(
@@ -90,6 +94,43 @@ def read_volume(path: str | Path, *, channel: int | None = None) -> Volume:
     return _canonical(array, affine, path)
 
 
+def max_voxels() -> int:
+    """The largest volume a header may claim: ``$MED3D_MAX_VOXELS``, else 2^30 voxels."""
+    import os
+
+    raw = os.environ.get(MAX_VOXELS_ENV)
+    if not raw:
+        return DEFAULT_MAX_VOXELS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{MAX_VOXELS_ENV}={raw!r} must be a positive whole number of voxels")
+    return value
+
+
+def _check_claim(path: Path, shape: tuple, dtype: np.dtype, *, data_file: Path, offset: int, compressed: bool) -> None:
+    """Refuse a header whose shape and dtype the limit or the file's real size cannot hold, before any data is read."""
+    voxels = int(np.prod([int(n) for n in shape], dtype=object)) if shape else 1
+    nbytes = voxels * int(dtype.itemsize)
+    claim = f"its header claims {' x '.join(map(str, shape))} {dtype} ({nbytes / 1e9:.3g} GB)"
+    limit = max_voxels()
+    if voxels > limit:
+        raise VolumeReadError(
+            f"{path}: {claim}, more than the limit of {limit:,} voxels; if the scan really is that large, "
+            f"raise {MAX_VOXELS_ENV}, or crop or downsample it first."
+        )
+    size = data_file.stat().st_size
+    room = size * _DEFLATE_MAX_RATIO if compressed else size - offset
+    if nbytes > room:
+        raise VolumeReadError(
+            f"{path}: {claim}, but the file holds {size:,} bytes"
+            + (" (compressed data cannot expand that much)" if compressed else "")
+            + ": the header is wrong or the file is truncated; re-export or re-download it."
+        )
+
+
 def _canonical(array: np.ndarray, affine: np.ndarray, path: Path) -> Volume:
     """Reorient ``array`` (any voxel order, with its voxel -> RAS+ ``affine``) to (D, H, W)."""
     from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
@@ -114,6 +155,15 @@ def _read_nifti(path: Path, channel: int | None = None) -> tuple[np.ndarray, np.
 
     try:
         image = nib.load(path)
+        data_file = Path(image.file_map["image"].filename or path)
+        _check_claim(
+            path,
+            tuple(image.header.get_data_shape()),
+            np.dtype(image.header.get_data_dtype()),
+            data_file=data_file,
+            offset=int(getattr(image.header, "get_data_offset", lambda: 0)()),
+            compressed=data_file.name.lower().endswith((".gz", ".bz2", ".zst")),
+        )
         if channel is not None:
             channels = image.shape[3] if len(image.shape) == 4 else 1
             if not 0 <= channel < channels:
@@ -145,7 +195,14 @@ def _read_nifti(path: Path, channel: int | None = None) -> tuple[np.ndarray, np.
 def _read_npy(path: Path) -> Volume:
     """A bare array has no geometry: it is taken as canonical (D, H, W) at 1 mm."""
     try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            shape, _, dtype = _npy_header(f, version)
+            offset = f.tell()
+        _check_claim(path, shape, dtype, data_file=path, offset=offset, compressed=False)
         array = np.load(path, allow_pickle=False)
+    except VolumeReadError:
+        raise
     except Exception as err:
         raise VolumeReadError(
             f"{path}: not a readable .npy array ({type(err).__name__}: {err}); "
@@ -157,6 +214,13 @@ def _read_npy(path: Path) -> Volume:
             f"{path}: array has shape {shape}, but a 3-D (D, H, W) array is needed."
         )
     return Volume(array=array, spacing=(1.0, 1.0, 1.0), affine=_DHW_TO_IJK.copy(), source=str(path))
+
+
+def _npy_header(f, version: tuple[int, int]):
+    """(shape, fortran_order, dtype) of an open .npy file, positioned after its magic string."""
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
 
 
 def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:

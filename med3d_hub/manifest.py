@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .hub import check_hub_file
 from .models.resnet import ARCHITECTURES
 
 __all__ = [
@@ -139,7 +140,7 @@ def _entry_from_dict(raw: Any, where: str, origin: str = "") -> WeightsEntry:
         raise fail(f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(_REQUIRED + _OPTIONAL)}")
 
     model, tag = raw["model"], raw["tag"]
-    if model not in ARCHITECTURES:
+    if not isinstance(model, str) or model not in ARCHITECTURES:
         raise fail(f"model {model!r} is not one of {', '.join(ARCHITECTURES)}")
     if not isinstance(tag, str) or not _TAG.fullmatch(tag):
         raise fail(f"tag {tag!r} must be lower-case letters, digits, '-' or '_' (no dots), e.g. '3dseg8'")
@@ -150,9 +151,9 @@ def _entry_from_dict(raw: Any, where: str, origin: str = "") -> WeightsEntry:
     sha256 = raw["sha256"]
     if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256.lower()):
         raise fail(f"sha256 must be 64 hexadecimal digits, got {sha256!r}")
-    if raw["format"] not in FORMATS:
+    if not isinstance(raw["format"], str) or raw["format"] not in FORMATS:
         raise fail(f"format {raw['format']!r} is not one of {', '.join(FORMATS)}")
-    if raw["shortcut"] not in ("A", "B"):
+    if not isinstance(raw["shortcut"], str) or raw["shortcut"] not in ("A", "B"):
         raise fail(f"shortcut must be 'A' or 'B', got {raw['shortcut']!r}")
     if not isinstance(raw["license"], str) or not raw["license"]:
         raise fail("license must be a non-empty string such as 'MIT'")
@@ -168,6 +169,11 @@ def _entry_from_dict(raw: Any, where: str, origin: str = "") -> WeightsEntry:
         raise fail(f"urls must be a list of http(s) URLs, got {urls!r}")
     if hf_hub_id is None and not urls:
         raise fail("give hf_hub_id (a Hub repo) or urls (mirrors), or both: the entry has no source")
+    if hf_hub_id is not None:
+        try:  # they become paths in the Hugging Face cache: the Hub's own rules, before any download
+            check_hub_file(hf_hub_id, revision, filename)
+        except ValueError as error:
+            raise fail(str(error)) from None
     size = raw.get("size")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
         raise fail(f"size must be a positive number of bytes or null (unknown), got {size!r}")
@@ -189,11 +195,17 @@ def _entry_from_dict(raw: Any, where: str, origin: str = "") -> WeightsEntry:
     datasets = source.get("datasets")
     if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets):
         raise fail("source.datasets must be a list of strings")
+    model_kwargs = source.get("model_kwargs")
+    if model_kwargs is not None and not (
+        isinstance(model_kwargs, Mapping) and all(isinstance(v, (str, int, float, bool, type(None))) for v in model_kwargs.values())
+    ):
+        raise fail(f"source.model_kwargs must be an object of create_model arguments (plain values), got {model_kwargs!r}")
 
     try:
         preprocess = _check_preprocess(raw["preprocess"])
     except (TypeError, ValueError) as error:
-        raise fail(f"preprocess: {error}") from None
+        kind = "" if isinstance(error, ValueError) else "a value has the wrong type: "
+        raise fail(f"preprocess: {kind}{error}") from None
 
     return WeightsEntry(
         model=model,

@@ -6,7 +6,10 @@ without a wasted random initialisation. Heads the weights do not have are initia
 logged); ``in_chans != 1`` adapts the first conv (see ``checkpoints.adapt_in_chans``).
 
 ``pretrained`` may be True (the tag's weights, or the depth's default), a local file, or an
-``hf://org/repo@revision/file`` reference. Loader options, meaningful only with weights:
+``hf://org/repo@revision/file`` reference. A ``.pth`` (downloaded or local) is converted once into
+the cache root (``weights/<sha256>.safetensors``, see ``hub.cache_root``); every load checks that the
+converted copy is the one of these source bytes. Weights in another float precision are converted
+to float32; weights holding NaN or infinity are refused. Loader options, meaningful only with weights:
 ``cache_dir`` (huggingface_hub's cache), ``local_files_only`` and ``token``.
 """
 
@@ -28,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import checkpoints, hub
 from .manifest import WeightsEntry, find_entry, load_entries
+from .model_files import check_finite
 from .models.heads import SegmentationHead
 from .models.resnet import init_weights
 from .registry import build_model
@@ -37,7 +41,6 @@ log = logging.getLogger(__name__)
 __all__ = ["LOADER_ARGS", "create_pretrained"]
 
 LOADER_ARGS = ("cache_dir", "local_files_only", "token")
-CACHE_FORMAT = "med3d_hub.state_dict.v1"
 
 
 @dataclass
@@ -57,7 +60,8 @@ def create_pretrained(arch: str, tag: str | None, pretrained: Any, **kwargs: Any
     settings = hub.settings(**loader)
     request = _request(arch, tag, pretrained)
     loaded = _load_state_dict(request, settings)
-    state_dict = loaded.state_dict
+    state_dict = _as_float32(loaded.state_dict, request.label)
+    check_finite(state_dict, source=request.label)
     entry = request.entry or _entry_by_sha(arch, loaded.sha256)
     kwargs = _with_published_kwargs(entry, kwargs)
 
@@ -132,10 +136,12 @@ class _Loaded(NamedTuple):
     state_dict: dict[str, torch.Tensor]
     sha256: str  # of the file the weights came from
     format: str  # of that file
+    source_sample: str | None = None  # hub.sample_digest of that file, as recorded in the converted copy
 
 
 def _load_state_dict(request: _Request, s: hub.Settings) -> _Loaded:
     """The zoo-named state dict; converted files are cached by the sha256 of their source."""
+    hub.clean_stale_temporaries(s, request.sources[0] if request.sources and isinstance(request.sources[0], hub.HubFile) else None)
     if request.local is not None:
         return _load_local(request, s)
     expected = request.entry.sha256 if request.entry else None
@@ -163,20 +169,29 @@ def _load_state_dict(request: _Request, s: hub.Settings) -> _Loaded:
 _HASH_MEMO_MIN_AGE_S = 5.0
 
 
-def _local_sha256(path: Path, s: hub.Settings) -> str:
+class _Identity(NamedTuple):
+    sha256: str
+    sample: str  # hub.sample_digest of the file now
+    remembered: bool  # the sha256 came from the memo, not from hashing the file
+
+
+def _local_identity(path: Path, s: hub.Settings) -> _Identity:
     """The sha256 of a local file, remembered per (path, size, inode, mtime, ctime): an unchanged file is hashed once.
 
     Hashing runs at about 1 GB/s, half a second for resnet200. Any write to the file sets its ctime,
-    which no user call can set back, so a changed file is hashed again. A file changed within the
-    last few seconds is not remembered, since file timestamps can be that coarse.
+    which no user call can set back, so a changed file is hashed again; a file changed within the
+    last few seconds is not remembered, since timestamps can be that coarse. The memo is a speed-up,
+    not a source of truth: it holds the sha256 with a sampled digest of the file (a few KiB read at
+    fixed offsets), and the caller checks a remembered sha256 before it trusts it (see ``_load_local``).
     """
     st = path.stat()
     key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_ino}|{st.st_mtime_ns}|{st.st_ctime_ns}".encode()).hexdigest()
     memo = s.cache / "hashes" / key
+    sample = hub.sample_digest(path)
     try:
-        known = memo.read_text().strip()
-        if len(known) == 64 and all(c in "0123456789abcdef" for c in known):
-            return known
+        known, _, known_sample = memo.read_text().strip().partition(" ")
+        if hub.is_sha256(known) and known_sample == sample:
+            return _Identity(known, sample, True)
     except OSError:
         pass
     sha256 = hub.sha256_file(path)
@@ -184,17 +199,25 @@ def _local_sha256(path: Path, s: hub.Settings) -> str:
         try:
             memo.parent.mkdir(parents=True, exist_ok=True)
             tmp = memo.with_name(f".{key}.{os.getpid()}.tmp")
-            tmp.write_text(sha256)
+            tmp.write_text(f"{sha256} {sample}")
             os.replace(tmp, memo)
         except OSError:  # a read-only cache: hash every time
             pass
-    return sha256
+    return _Identity(sha256, sample, False)
 
 
 def _load_local(request: _Request, s: hub.Settings) -> _Loaded:
+    """A local file's weights; a remembered sha256 is trusted only where it cannot make other weights pass.
+
+    Where it names weights (a tag, or the sha256 of a manifest entry) the file is hashed in full. Where
+    it only finds the converted copy, that copy's record of its source's sampled digest must match
+    this file's; otherwise the file is hashed in full.
+    """
     path = request.local
-    sha256 = _local_sha256(path, s)
+    sha256, sample, remembered = _local_identity(path, s)
     entry = request.entry
+    if remembered and (entry is not None or any(e.sha256 == sha256 for e in load_entries())):
+        sha256, remembered = hub.sha256_file(path), False
     if entry is not None and sha256 != entry.sha256:
         raise hub.ChecksumError(
             f"sha256 mismatch for {path}: expected {entry.sha256} ({entry.name}), got {sha256}. "
@@ -203,7 +226,12 @@ def _load_local(request: _Request, s: hub.Settings) -> _Loaded:
     fmt = checkpoints.detect_format(path)
     if fmt == "safetensors":  # already memory-mapped, nothing to convert
         return _Loaded(checkpoints.read_state_dict(path, fmt), sha256, fmt)
-    if (cached := _cached(sha256, s)) is not None:
+    cached = _cached(sha256, s)
+    if cached is not None and remembered and cached.source_sample != sample:
+        log.warning("the remembered sha256 of %s does not match its converted copy; hashing the file again", path)
+        sha256 = hub.sha256_file(path)
+        cached = _cached(sha256, s)
+    if cached is not None:
         return cached
     with hub.weights_lock(sha256, s):
         if (cached := _cached(sha256, s)) is not None:
@@ -216,15 +244,26 @@ def _cached(sha256: str, s: hub.Settings) -> _Loaded | None:
     if found is None:
         return None
     state_dict, metadata = found
-    return _Loaded(state_dict, sha256, metadata.get("source_format", "medicalnet-pth"))
+    return _Loaded(state_dict, sha256, metadata.get("source_format", "medicalnet-pth"), metadata.get("source_sample"))
 
 
 def _convert(path: Path, fmt: str, sha256: str, label: str, s: hub.Settings) -> _Loaded:
     """Read a verified file once and keep it as safetensors, so later loads never unpickle."""
     state_dict = checkpoints.read_state_dict(path, fmt)
-    metadata = {"format": CACHE_FORMAT, "source_sha256": sha256, "source_format": fmt, "source": label}
+    metadata = {"source_format": fmt, "source": hub.redact(label), "source_bytes": str(os.path.getsize(path)),
+                "source_sample": hub.sample_digest(path),
+                "architecture": checkpoints.architecture_of_keys(state_dict) or "unknown"}
     hub.store_weights(sha256, state_dict, s, metadata)
     return _Loaded(state_dict, sha256, fmt)
+
+
+def _as_float32(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Floating-point weights stored in another precision (float16, bfloat16, float64), as the float32 models use."""
+    other = sorted({str(v.dtype).replace("torch.", "") for v in state_dict.values() if v.is_floating_point() and v.dtype != torch.float32})
+    if not other:
+        return state_dict
+    log.info("the weights of %s are stored as %s; converted to float32", source, ", ".join(other))
+    return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
 # -- building and loading -----------------------------------------------------------------------------

@@ -163,6 +163,7 @@ def publish(
     s = hub.settings(token=token)
     secret = _effective_token(token)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_scrubbed(secret))
         if isinstance(source, nn.Module):
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="med3d-model-")))
             model_files.write_model_files(folder, source)
@@ -247,7 +248,19 @@ def _effective_token(token: str | None) -> str | None:
 
 
 def _scrub(text: str, secret: str | None) -> str:
-    return text.replace(secret, "***") if secret else text
+    """``text`` without the token, nor anything token-shaped a server echoed (see ``hub.redact``)."""
+    return hub.redact(text, secret)
+
+
+@contextlib.contextmanager
+def _scrubbed(secret: str | None) -> Iterator[None]:
+    """Any error leaving ``publish`` without the token: a server may echo the Authorization header (e.g. in an
+    LFS batch answer), and huggingface_hub puts such answers in its messages."""
+    try:
+        yield
+    except Exception as error:
+        error.args = tuple(_scrub(a, secret) if isinstance(a, str) else a for a in error.args)
+        raise
 
 
 def _api(s: hub.Settings):

@@ -103,11 +103,10 @@ class PreparedTask:
 
 
 def default_cache_dir() -> Path:
-    """``$MED3D_CACHE/train``, else ``$XDG_CACHE_HOME/med3d_hub/train`` (``~/.cache`` by default)."""
-    if os.environ.get("MED3D_CACHE"):
-        return Path(os.environ["MED3D_CACHE"]).expanduser() / "train"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "med3d_hub" / "train"
+    """The ``train/`` folder of the package's one cache root (``$MED3D_HUB_CACHE``, else ``$HF_HOME/med3d_hub``)."""
+    from ..hub import cache_root
+
+    return cache_root() / "train"
 
 
 # -- task folders ------------------------------------------------------------------------------
