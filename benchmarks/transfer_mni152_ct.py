@@ -24,7 +24,8 @@ to new people.
     OMP_NUM_THREADS=2 nice -n 10 python benchmarks/transfer_mni152_ct.py --work /tmp/med3d-transfer
 
 Run again with the same ``--work`` to reuse what is there (the tasks, the co-trained encoder, any
-finished fine-tuning); ``--summary-only`` summarises the finished runs without starting any.
+finished fine-tuning); ``--summary-only`` summarises the runs without starting any, unfinished
+ones included, up to the last step that every run has validated.
 ``--encoder FILE`` skips step 1.
 """
 
@@ -127,11 +128,11 @@ def _curve(run: Path) -> dict[int, float]:
             if r.get("kind") == "val" and "dice_mean" in r}
 
 
-def _mean_sd(values: list[float]) -> str:
+def _mean_sd(values: list[float], digits: int = 3) -> str:
     if not values:
         return "-"
     sd = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return f"{statistics.mean(values):.3f} +- {sd:.3f}"
+    return f"{statistics.mean(values):.{digits}f} +- {sd:.{digits}f}"
 
 
 def summarise(curves: dict[str, dict[int, dict[int, float]]], target_fraction: float, plot: Path) -> dict:
@@ -151,7 +152,7 @@ def summarise(curves: dict[str, dict[int, dict[int, float]]], target_fraction: f
             hits.append(step if step is not None else max(c))
         rows[arm] = {"seeds": sorted(runs), "final_dice": finals[arm], "steps_to_target": hits, "not_reached": missed,
                      "final_dice_mean_sd": _mean_sd(finals[arm]),
-                     "steps_to_target_mean_sd": _mean_sd([float(h) for h in hits])}
+                     "steps_to_target_mean_sd": _mean_sd([float(h) for h in hits], digits=1)}
     lines = [f"target Dice {target:.3f} ({target_fraction:g} x the better arm's mean final Dice)", "",
              "| arm | seeds | final Dice, mean +- SD | per seed | steps to target, mean +- SD | per seed |",
              "|---|---|---|---|---|---|"]
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS),
                    help="run only these arms (e.g. one per process); the summary reads every finished run")
     p.add_argument("--plot", default=None, help="curves PNG (default: WORK/transfer-seeds.png)")
-    p.add_argument("--summary-only", action="store_true", help="summarise the finished runs; start none")
+    p.add_argument("--summary-only", action="store_true", help="summarise the runs as they are; start none")
     args = p.parse_args(argv)
     if not CT_PROJECT.is_file():
         sys.exit(f"{CT_PROJECT} not found: install Debian's invesalius-examples package")
@@ -256,9 +257,14 @@ def main(argv: list[str] | None = None) -> int:
             if arm in args.arms and not (out / "finetuned.safetensors").is_file() and not args.summary_only:
                 timings[f"{out.name}_s"] = round(_run(commands[out.name], log))
                 print(f"  {out.name}: {timings[f'{out.name}_s']} s", flush=True)
-            if (out / "finetuned.safetensors").is_file():
-                finished[arm][seed] = _curve(out)
+            curve = _curve(out) if (out / "metrics.jsonl").is_file() else {}
+            if curve and ((out / "finetuned.safetensors").is_file() or args.summary_only):
+                finished[arm][seed] = curve
     finished = {arm: runs for arm, runs in finished.items() if runs}
+    if args.summary_only and finished:  # runs cut short: compare every run up to the last step all have validated
+        last = min(max(c) for runs in finished.values() for c in runs.values())
+        finished = {arm: {seed: {s: v for s, v in c.items() if s <= last} for seed, c in runs.items()}
+                    for arm, runs in finished.items()}
     if len(finished) < 2:
         sys.exit("no finished run of one of the arms yet: nothing to compare")
     summary = summarise(finished, args.target, Path(args.plot) if args.plot else work / "transfer-seeds.png")
