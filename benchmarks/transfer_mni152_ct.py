@@ -21,7 +21,7 @@ noise (10 HU): the variation the preprocessing and the network have to absorb. A
 from one head, so the held-out cases measure learning under these variations, not generalisation
 to new people.
 
-    OMP_NUM_THREADS=2 nice -n 10 python benchmarks/transfer_mni152_ct.py --work /tmp/med3d-transfer
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/transfer_mni152_ct.py --work /tmp/med3d-transfer
 
 Run again with the same ``--work`` to reuse what is there (the tasks, the co-trained encoder, any
 finished fine-tuning); ``--summary-only`` summarises the runs without starting any, unfinished
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="/tmp/med3d-transfer", help="folder for the tasks, caches and runs")
     p.add_argument("--encoder", help="a co-trained encoder.safetensors (skips the co-training)")
-    p.add_argument("--cotrain-steps", type=int, default=250)
+    p.add_argument("--cotrain-steps", type=int, default=100)
     p.add_argument("--cotrain-crop", type=int, default=32)
     p.add_argument("--cases", type=int, default=12, help="CT cases (a quarter are held out)")
     p.add_argument("--steps", type=int, default=80, help="fine-tuning steps of each run")
