@@ -2,12 +2,15 @@
 
 1. **Co-train** a ResNet-10 encoder with ``med3d_hub.train`` on two tasks built from nilearn's
    MNI152 scans (T1 brain mask; grey / white matter in a T2-like contrast): this is
-   ``benchmarks/cotrain_mni152.py``, run as it is.
+   ``benchmarks/cotrain_mni152.py`` with ``--cotrain-steps`` steps.
 2. **Fine-tune** with ``med3d finetune seg`` (``python -m med3d_hub.finetune seg``) on a different
    task, subject and modality: brain (intracranial) segmentation on the InVesalius head CT that
-   Debian's ``invesalius-examples`` ships (read with ``med3d_hub.demo.read_inv3``), twice with the
-   same recipe and budget: from the co-trained encoder, and from scratch (``--pretrained none``).
-3. **Compare** the two runs with ``med3d_hub.compare`` (what ``med3d compare`` prints and plots).
+   Debian's ``invesalius-examples`` ships (read with ``med3d_hub.demo.read_inv3``), with the same
+   recipe and budget from the co-trained encoder and from scratch (``--pretrained none``), once per
+   ``--seeds`` value (the seed of the fine-tuning: new layers, crops, augmentation). The arms
+   alternate seed by seed, so a run cut short still has both arms.
+3. **Summarise** the arms: mean and spread over seeds of the final Dice and of the steps to a common
+   target Dice, a table of the mean curves, and a plot of the curves with their spread (``--plot``).
 
 The CT's label is made by classical image processing, not by a person: soft tissue (-20..120 HU)
 away from bone (> 200 HU, dilated by one voxel), eroded by 4 voxels, its largest connected
@@ -18,10 +21,12 @@ noise (10 HU): the variation the preprocessing and the network have to absorb. A
 from one head, so the held-out cases measure learning under these variations, not generalisation
 to new people.
 
-    OMP_NUM_THREADS=2 nice -n 19 python benchmarks/transfer_mni152_ct.py --work /tmp/med3d-transfer
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/transfer_mni152_ct.py --work /tmp/med3d-transfer
 
 Run again with the same ``--work`` to reuse what is there (the tasks, the co-trained encoder, any
-finished fine-tuning). ``--encoder FILE`` skips step 1.
+finished fine-tuning); ``--summary-only`` summarises the runs without starting any, unfinished
+ones included, up to the last step that every run has validated.
+``--encoder FILE`` skips step 1.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -111,17 +117,110 @@ def _run(command: list[str], log: Path) -> float:
     return time.time() - begin
 
 
+ARMS = {"pretrained": "from the co-trained encoder", "scratch": "from scratch"}
+
+
+def _curve(run: Path) -> dict[int, float]:
+    """Validation dice_mean per step of a finished run."""
+    from med3d_hub.train.metrics import read_metrics
+
+    return {r["step"]: r["dice_mean"] for r in read_metrics(run / "metrics.jsonl")
+            if r.get("kind") == "val" and "dice_mean" in r}
+
+
+def _mean_sd(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.mean(values):.{digits}f} +- {sd:.{digits}f}"
+
+
+def summarise(curves: dict[str, dict[int, dict[int, float]]], target_fraction: float, plot: Path) -> dict:
+    """Per arm: final Dice and steps to the common target (mean +- sample SD over seeds), mean curves, plot.
+
+    The target is ``target_fraction`` x the better arm's mean final Dice. A run that never reaches it
+    counts its last step (a lower bound) and is reported as not reached.
+    """
+    finals = {arm: [c[max(c)] for c in runs.values()] for arm, runs in curves.items()}
+    target = target_fraction * max(statistics.mean(v) for v in finals.values() if v)
+    rows, reached = {}, {}
+    for arm, runs in curves.items():
+        hits, missed = [], 0
+        for c in runs.values():
+            step = next((s for s in sorted(c) if c[s] >= target), None)
+            missed += step is None
+            hits.append(step if step is not None else max(c))
+        rows[arm] = {"seeds": sorted(runs), "final_dice": finals[arm], "steps_to_target": hits, "not_reached": missed,
+                     "final_dice_mean_sd": _mean_sd(finals[arm]),
+                     "steps_to_target_mean_sd": _mean_sd([float(h) for h in hits], digits=1)}
+    lines = [f"target Dice {target:.3f} ({target_fraction:g} x the better arm's mean final Dice)", "",
+             "| arm | seeds | final Dice, mean +- SD | per seed | steps to target, mean +- SD | per seed |",
+             "|---|---|---|---|---|---|"]
+    for arm, row in rows.items():
+        per_seed = ", ".join(f"{v:.3f}" for v in row["final_dice"])
+        hits = ", ".join(str(h) + ("+" if h == max(c) and c[h] < target else "")
+                         for h, c in zip(row["steps_to_target"], curves[arm].values()))
+        lines.append(f"| {ARMS[arm]} | {len(row['seeds'])} | {row['final_dice_mean_sd']} | {per_seed} | "
+                     f"{row['steps_to_target_mean_sd']} | {hits} |")
+    steps = sorted(set().union(*(c.keys() for runs in curves.values() for c in runs.values())))
+    lines += ["", "| step | " + " | ".join(f"{ARMS[a]}: mean (min-max)" for a in curves) + " |",
+              "|---" * (len(curves) + 1) + "|"]
+    for s in steps:
+        cells = []
+        for runs in curves.values():
+            vals = [c[s] for c in runs.values() if s in c]
+            cells.append(f"{statistics.mean(vals):.3f} ({min(vals):.3f}-{max(vals):.3f})" if vals else "-")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    _plot(curves, target, plot)
+    return {"target": target, "arms": rows, "table": "\n".join(lines)}
+
+
+def _plot(curves: dict, target: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for (arm, runs), colour in zip(curves.items(), ("tab:blue", "tab:orange")):
+        steps = sorted(set.intersection(*(set(c) for c in runs.values())))
+        vals = np.array([[c[s] for s in steps] for c in runs.values()])
+        for row in vals:
+            ax.plot(steps, row, color=colour, lw=0.6, alpha=0.35)
+        ax.fill_between(steps, vals.min(0), vals.max(0), color=colour, alpha=0.15)
+        ax.plot(steps, vals.mean(0), color=colour, lw=2, marker="o", ms=3,
+                label=f"{ARMS[arm]} (mean of {len(runs)} seeds; band: min-max)")
+    ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:.3f}")
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("validation Dice (held-out CT cases)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="/tmp/med3d-transfer", help="folder for the tasks, caches and runs")
     p.add_argument("--encoder", help="a co-trained encoder.safetensors (skips the co-training)")
-    p.add_argument("--cotrain-steps", type=int, default=600)
+    p.add_argument("--cotrain-steps", type=int, default=100)
+    p.add_argument("--cotrain-crop", type=int, default=32)
     p.add_argument("--cases", type=int, default=12, help="CT cases (a quarter are held out)")
-    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps of each run")
-    p.add_argument("--crop", type=int, default=32)
-    p.add_argument("--val-every", type=int, default=25)
+    p.add_argument("--steps", type=int, default=80, help="fine-tuning steps of each run")
+    p.add_argument("--decoder", default="conv_seg", help="paper (full resolution, slow on a CPU) or conv_seg")
+    p.add_argument("--crop", type=int, default=24)
+    p.add_argument("--val-every", type=int, default=20)
     p.add_argument("--model", default="resnet10")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and the co-training")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds, one run per arm each")
+    p.add_argument("--target", type=float, default=0.9, help="target = this x the better arm's mean final Dice")
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS),
+                   help="run only these arms (e.g. one per process); the summary reads every finished run")
+    p.add_argument("--plot", default=None, help="curves PNG (default: WORK/transfer-seeds.png)")
+    p.add_argument("--summary-only", action="store_true", help="summarise the runs as they are; start none")
     args = p.parse_args(argv)
     if not CT_PROJECT.is_file():
         sys.exit(f"{CT_PROJECT} not found: install Debian's invesalius-examples package")
@@ -133,49 +232,47 @@ def main(argv: list[str] | None = None) -> int:
     timings = {}
 
     encoder = Path(args.encoder) if args.encoder else work / "cotrain" / "run" / "encoder.safetensors"
-    if not encoder.is_file():
+    if not encoder.is_file() and not args.summary_only and "pretrained" in args.arms:
         if args.encoder:
             sys.exit(f"--encoder {encoder}: no such file")
+        # validation (whole volumes) only at the end: on a CPU it costs more than the steps between
         timings["cotrain_s"] = _run([sys.executable, str(HERE / "cotrain_mni152.py"), "--work", str(work / "cotrain"),
-                                     "--steps", str(args.cotrain_steps), "--model", args.model, "--seed", str(args.seed),
-                                     "--resume"], log)
+                                     "--steps", str(args.cotrain_steps), "--crop", str(args.cotrain_crop),
+                                     "--val-every", str(args.cotrain_steps), "--model", args.model,
+                                     "--seed", str(args.seed), "--resume"], log)
 
     task = build_ct_task(work, args.cases, args.seed)
-    runs = {"med3d": work / "ct-from-mni152", "scratch": work / "ct-scratch"}
-    commands = {}
-    for name, out in runs.items():
-        commands[name] = [
-            sys.executable, "-m", "med3d_hub.finetune", "seg", "--data", str(task), "--model", args.model,
-            "--pretrained", str(encoder) if name == "med3d" else "none", "--steps", str(args.steps),
-            "--crop", *[str(args.crop)] * 3, "--batch-size", "2", "--val-every", str(args.val_every),
-            "--seed", str(args.seed), "--workers", "1", "--device", "cpu", "--cache-dir", str(work / "cache"),
-            "--output", str(out), "--set", "val_fraction=0.25", "--set", "log_every=5", "--set", "keep_checkpoints=1",
-            "--resume",
-        ]
-        if not (out / "finetuned.safetensors").is_file():
-            timings[f"{name}_s"] = _run(commands[name], log)
-
-    from med3d_hub.compare import compare_runs, format_table, plot_comparison
-
-    labels = ["Med3D (co-trained on MNI152)", "from scratch"]
-    tables = {}
-    for target in (0.9, 0.98):
-        metric, goal, curves = compare_runs(list(runs.values()), metric="dice_mean", target=target, labels=labels)
-        tables[target] = format_table(metric, goal, curves, target)
-        if target == 0.9:
-            png = plot_comparison(metric, goal, curves, work / "compare.png")
-            values = {c.label: dict(zip(c.steps, c.values)) for c in curves}
-    print()
-    for target, table in tables.items():
-        print(table + "\n")
-    steps = sorted(set().union(*(v.keys() for v in values.values())))
-    print("| step | " + " | ".join(labels) + " |\n|---|---|---|")
-    for s in steps:
-        print(f"| {s} | " + " | ".join(f"{values[n].get(s, float('nan')):.3f}" for n in labels) + " |")
-    print(f"\ncurves: {png}; timings {timings}")
+    commands, finished = {}, {arm: {} for arm in ARMS}
+    for seed in args.seeds:
+        for arm in ARMS:
+            out = work / f"ct-{arm}-seed{seed}"
+            commands[out.name] = [
+                sys.executable, "-m", "med3d_hub.finetune", "seg", "--data", str(task), "--model", args.model,
+                "--decoder", args.decoder, "--pretrained", str(encoder) if arm == "pretrained" else "none", "--steps", str(args.steps),
+                "--crop", *[str(args.crop)] * 3, "--batch-size", "2", "--val-every", str(args.val_every),
+                "--seed", str(seed), "--workers", "1", "--device", "cpu", "--cache-dir", str(work / "cache"),
+                "--output", str(out), "--set", "val_fraction=0.25", "--set", "val_overlap=0", "--set", "log_every=5",
+                "--set", "keep_checkpoints=1", "--resume", "--quiet",
+            ]
+            if arm in args.arms and not (out / "finetuned.safetensors").is_file() and not args.summary_only:
+                timings[f"{out.name}_s"] = round(_run(commands[out.name], log))
+                print(f"  {out.name}: {timings[f'{out.name}_s']} s", flush=True)
+            curve = _curve(out) if (out / "metrics.jsonl").is_file() else {}
+            if curve and ((out / "finetuned.safetensors").is_file() or args.summary_only):
+                finished[arm][seed] = curve
+    finished = {arm: runs for arm, runs in finished.items() if runs}
+    if args.summary_only and finished:  # runs cut short: compare every run up to the last step all have validated
+        last = min(max(c) for runs in finished.values() for c in runs.values())
+        finished = {arm: {seed: {s: v for s, v in c.items() if s <= last} for seed, c in runs.items()}
+                    for arm, runs in finished.items()}
+    if len(finished) < 2:
+        sys.exit("no finished run of one of the arms yet: nothing to compare")
+    summary = summarise(finished, args.target, Path(args.plot) if args.plot else work / "transfer-seeds.png")
+    print("\n" + summary["table"] + f"\n\ncurves: {args.plot or work / 'transfer-seeds.png'}; timings {timings}")
     (work / "summary.json").write_text(json.dumps(
-        {"commands": commands, "timings_s": timings, "tables": {str(k): v for k, v in tables.items()},
-         "dice": {n: {str(s): v for s, v in vals.items()} for n, vals in values.items()}}, indent=1))
+        {"commands": commands, "timings_s": timings, "summary": summary,
+         "dice": {arm: {str(seed): {str(s): v for s, v in c.items()} for seed, c in runs.items()}
+                  for arm, runs in finished.items()}}, indent=1))
     return 0
 
 

@@ -149,7 +149,8 @@ def test_new_layers_learn_faster_and_scratch_uses_the_paper_rate(data):
     assert cfg.lr == pytest.approx(1e-3)
     net = build_finetune_net(cfg, 2)
     groups = FinetuneJob().optimizer(cfg, net).param_groups
-    assert {g["name"]: g["lr_scale"] for g in groups} == {"encoder": 1.0, "head": 10.0}
+    assert {g["name"]: g["lr_scale"] for g in groups} == {"encoder": 1.0, "new_layers": 10.0}
+    assert {g["lr"] for g in groups} == {cfg.lr}  # the scheduler applies lr_scale, once
     scratch = cfg.replace(pretrained="none")
     assert scratch.lr == pytest.approx(1e-2)
     groups = FinetuneJob().optimizer(scratch, build_finetune_net(scratch, 2)).param_groups

@@ -6,8 +6,9 @@
   (segmentation), or the CSV reader of ``finetune.data`` (classification);
 - the network: ``FinetuneNet`` (the encoder with ``cfg.pretrained`` loaded strictly, a new head);
 - the loss: Dice + cross-entropy (as the co-training) or cross-entropy with optional class weights;
-- the optimiser: the encoder at ``lr``, the new layers at ``lr * new_layers_lr_mult`` (timm's
-  schedulers honour each group's ``lr_scale``), the encoder frozen for ``freeze_epochs``;
+- the optimiser: two named groups, ``encoder`` and ``new_layers``, both at ``lr``; the schedule
+  multiplies each by its ``lr_scale`` (``new_layers_lr_mult`` for the new layers, 0 for an encoder
+  frozen for ``freeze_epochs``), so the multiplier is applied once;
 - the validation: sliding-window Dice per class, or accuracy, balanced accuracy and ROC AUC;
 - the results: ``model.safetensors`` + ``config.json`` (a zoo model, which ``med3d publish``
   takes as a model folder, with ``training_config.yaml``, ``metrics.jsonl`` and ``curves.png``),
@@ -89,16 +90,14 @@ class FinetuneJob(Job):
         return nn.CrossEntropyLoss()
 
     def optimizer(self, cfg: FinetuneConfig, model: nn.Module) -> torch.optim.Optimizer:
-        head_scale = 1.0 if cfg.scratch else float(cfg.new_layers_lr_mult)
         groups = []
-        for name, module, scale in (("encoder", model.encoder, 1.0), ("head", model.head, head_scale)):
+        for name, module, scale in (("encoder", model.encoder, 1.0), ("new_layers", model.head, _new_layers_scale(cfg))):
             params = [p for p in module.parameters() if p.requires_grad]
             decay = [p for p in params if p.ndim > 1]
             no_decay = [p for p in params if p.ndim <= 1]  # biases and BatchNorm: no weight decay
             for part, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)):
-                if part:
-                    groups.append({"params": part, "weight_decay": wd, "lr_scale": scale, "name": name,
-                                   "lr": cfg.lr * scale})
+                if part:  # the group's lr stays cfg.lr: the scheduler multiplies by lr_scale
+                    groups.append({"params": part, "weight_decay": wd, "lr_scale": scale, "name": name})
         if cfg.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
         if cfg.optimizer == "adamw":
@@ -110,12 +109,9 @@ class FinetuneJob(Job):
             return
         frozen = step < self.freeze_steps
         if frozen != self.frozen:
-            head_scale = 1.0 if cfg.scratch else float(cfg.new_layers_lr_mult)
             for group in optimizer.param_groups:
                 if group.get("name") == "encoder":
                     group["lr_scale"] = 0.0 if frozen else 1.0
-                elif group.get("name") == "head":
-                    group["lr_scale"] = head_scale
             if self.frozen is not None or not frozen:
                 self.log(f"step {step}: the encoder is {'frozen' if frozen else 'trained from here on'}")
             self.frozen = frozen
@@ -164,6 +160,11 @@ class FinetuneJob(Job):
                f"{FINETUNED_NAME})" if cfg.task == "seg" and cfg.decoder == "paper" else "encoder and head"
         log(f"done: {out / 'model.safetensors'} + config.json ({what}), {out / FINETUNED_NAME}, metrics "
             f"{metrics.path}, curves {metrics.png}; publish with `med3d publish {out} ...`")
+
+
+def _new_layers_scale(cfg: FinetuneConfig) -> float:
+    """From scratch every layer is new, so all share ``lr``."""
+    return 1.0 if cfg.scratch else float(cfg.new_layers_lr_mult)
 
 
 def _safetensors_bytes(state: dict, meta: dict) -> bytes:

@@ -44,6 +44,40 @@ _RESUME_KEYS = ("model", "batch_size", "crop", "foreground_prob", "augment", "se
 # Settings of the learning-rate schedule: when one changes, the schedule is rebuilt from the config.
 _SCHEDULE_KEYS = ("steps", "lr", "schedule", "warmup_steps", "warmup_lr", "min_lr", "poly_power")
 _TASK_KEYS = ("name", "num_classes", "channel", "weight", "crop", "intensity")
+# What a parameter group's rate is made of; on resume these come from the config, not from the checkpoint.
+_GROUP_SCHEDULE_KEYS = ("initial_lr", "lr_scale", "name")
+
+
+def build_scheduler(cfg, optimizer: torch.optim.Optimizer):
+    """timm's schedule, stepped per optimiser step: ``warmup_steps`` of linear warm-up, then the decay
+    over the remaining steps. Every group's rate is the schedule's rate times its ``lr_scale`` (1 when
+    absent): timm multiplies by it, so a group's own ``lr`` must stay ``cfg.lr``.
+
+    ``constant`` is timm's step schedule with no decay (timm before 1.0.29 has no ``constant``).
+    """
+    from timm.scheduler import create_scheduler_v2
+
+    sched, decay = (("step", 1.0) if cfg.schedule == "constant" else (cfg.schedule, cfg.poly_power))
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=sched, num_epochs=max(1, cfg.steps - cfg.warmup_steps), decay_epochs=1, decay_rate=decay,
+        warmup_epochs=cfg.warmup_steps, warmup_lr=cfg.warmup_lr, warmup_prefix=True, min_lr=cfg.min_lr,
+        step_on_epochs=False, updates_per_epoch=1,
+    )
+    return scheduler
+
+
+def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The rates the optimiser applies now: ``lr``, the schedule's rate (what a group of ``lr_scale`` 1
+    gets), and ``lr/<name>`` for each named group (fine-tuning: ``encoder``, ``new_layers``)."""
+    rates: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        scale = group.get("lr_scale", 1.0)
+        if "lr" not in rates and scale:
+            rates["lr"] = float(group["lr"]) / scale
+        if "name" in group:
+            rates.setdefault(f"lr/{group['name']}", float(group["lr"]))
+    rates.setdefault("lr", 0.0)
+    return {"lr": rates.pop("lr"), **rates}
 
 
 class _Printer:
@@ -164,8 +198,8 @@ def _tasks_digest(tasks: list[PreparedTask]) -> str:
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
-def _check_resumable(state: dict, cfg: TrainConfig, per_step: int, world: int, log, extra_keys=()) -> bool:
-    """Raise if the run cannot continue; returns whether the LR schedule is unchanged."""
+def _check_resumable(state: dict, cfg: TrainConfig, per_step: int, world: int, log, extra_keys=()) -> None:
+    """Raise if the run cannot continue; note the settings that changed."""
     old, new = state["config"], cfg.to_dict()
     diffs = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in (*_RESUME_KEYS, *extra_keys) if old.get(k) != new[k]]
     old_tasks = [{k: t.get(k) for k in _TASK_KEYS} for t in old.get("tasks", [])]
@@ -189,7 +223,6 @@ def _check_resumable(state: dict, cfg: TrainConfig, per_step: int, world: int, l
     for key in changed:
         log(f"note: {key} changed since the checkpoint ({old.get(key)!r} -> {new[key]!r}); "
             "the learning-rate schedule follows the new value from here on")
-    return not changed
 
 
 def _choose_checkpoint(folder: Path, resume: bool | str | None, log) -> Path | None:
@@ -367,14 +400,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume, stop: _StopRequest, resou
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last_3d)
 
-    from timm.scheduler import create_scheduler_v2
-
     optimizer = job.optimizer(cfg, model)
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.schedule, num_epochs=cfg.steps, warmup_epochs=cfg.warmup_steps,
-        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, decay_rate=cfg.poly_power,
-        step_on_epochs=False, updates_per_epoch=1,
-    )
+    scheduler = build_scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     start = 0
@@ -390,11 +417,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume, stop: _StopRequest, resou
                 f"{problems[0]}\nEvery process must read the checkpoint: with several nodes, put --output on "
                 "storage that all nodes share"
             )
-        same_schedule = _check_resumable(state, cfg, per_step, ctx.world_size, log, job.resume_keys)
+        _check_resumable(state, cfg, per_step, ctx.world_size, log, job.resume_keys)
         model.load_state_dict(state["model"])
+        recipe = [{k: g[k] for k in _GROUP_SCHEDULE_KEYS if k in g} for g in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizer"])
-        if same_schedule:
-            scheduler.load_state_dict(state["scheduler"])
+        for group, keys in zip(optimizer.param_groups, recipe):
+            group.update(keys)  # the schedule follows the config (the checkpoint's "scheduler" is not read)
         scaler.load_state_dict(state["scaler"])
         if len(state["rng"]) == ctx.world_size:
             set_rng_state(state["rng"][ctx.rank])
@@ -518,7 +546,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume, stop: _StopRequest, resou
                 count = float(totals[2 + n_tasks + t.index])
                 if count:
                     record[f"loss/{t.name}"] = round(float(totals[2 + t.index]) / count, 6)
-            record["lr"] = optimizer.param_groups[-1]["lr"]
+            record.update(learning_rates(optimizer))  # the rates this step used
             if timed_steps:
                 record["samples_per_s"] = round(timed_steps * per_step * cfg.batch_size / elapsed, 3)
             if cfg.grad_clip:
