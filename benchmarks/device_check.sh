@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU device check in one command: bash benchmarks/device_check.sh [OUT]  (default: $OUT)
+# The GPU device check in one command: bash benchmarks/device_check.sh [OUT] [OPTIONS]  (OUT default: $OUT)
 #
 # On the GPU machine (python3 with torch, no MONAI or nibabel, no network) it first installs the
 # wheels that `python -m benchmarks.gather_wheels` put into .device-check/wheels, into a folder
@@ -8,8 +8,11 @@
 # (e.g. --device cpu --quick for the dry run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${1:-${OUT:-device-check-out}}"
-shift || true
+out="${OUT:-device-check-out}"
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then  # a first argument that is not an option names the folder
+    out="$1"
+    shift
+fi
 mkdir -p "$out"
 python="${PYTHON:-python3}"
 bundle=.device-check

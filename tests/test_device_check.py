@@ -37,7 +37,7 @@ def test_the_cpu_dry_run_passes_every_step(tmp_path):
     steps = {s["name"]: s for s in summary["steps"]}
     assert all(s["seconds"] > 0 for s in summary["steps"])
     resumed = steps["cotrain_resume"]["details"]
-    assert resumed["backend"] == "gloo" and 0 < resumed["killed_after_step"] < 8
+    assert resumed["backend"] == "gloo" and 0 < resumed["killed_after_step"] < 16
     assert resumed["losses"][-1] < resumed["losses"][0]
     assert steps["cotrain_2proc"]["details"]["backend"] == "gloo"
     assert "passed" in steps["cuda_tests"]["details"]["pytest"]
