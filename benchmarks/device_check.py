@@ -185,7 +185,8 @@ class Check:
                         cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
                         bf16=torch.cuda.is_bf16_supported(), devices=torch.cuda.device_count())
             try:
-                info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+                version = torch.cuda.nccl.version()
+                info["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
             except Exception as err:
                 info["nccl"] = f"unavailable ({err})"
         from importlib import metadata
@@ -339,7 +340,7 @@ class Check:
         bench = self.out / "bench"
         command = [sys.executable, "-m", "benchmarks", "--device", self.device, "--sections", "forward,train",
                    "--out", bench]
-        command += ["--quick"] if self.args.quick else ["--rounds", "1", "--repeats", "10", "--no-compile"]
+        command += ["--quick"] if self.args.quick else ["--same-process", "--repeats", "10", "--no-compile"]
         self.run(command, timeout=self.timeout("benchmark"))
         report = json.loads((bench / "benchmark.json").read_text())
         failed = [r for sec in report["results"].values() for r in sec.get("rows", []) if not r.get("ok", True)]

@@ -355,7 +355,7 @@ def section_forward(runner: Runner, cfg: dict, args) -> dict:
     if peak["ok"]:
         runner.log("  matmul peak: " + ", ".join(f"{d} {peak[d + '_gflops']:.0f} GFLOP/s" for d in dtypes))
     results = {}
-    if args.quick:  # one process for everything: a smoke run, not a measurement
+    if args.quick or args.same_process:  # one process for everything: a smoke run, or a short GPU run
         results = runner.run([job for *_, jobs in groups for job in jobs])
     else:
         for arch, shape, _, jobs in groups:
@@ -753,6 +753,8 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, help="timed repeats per forward (default 7; quick 2)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variant")
     p.add_argument("--rounds", type=int, help="turns of the forward variants, a fresh process each (default 3)")
+    p.add_argument("--same-process", action="store_true",
+                   help="every forward timing in one process, one round (a short GPU run: no process start per timing)")
     p.add_argument("--device", default="cpu",
                    help="where the forward and train sections run: cpu (default) or cuda[:N] (128^3-class inputs, "
                         "AMP bf16, channels_last_3d, cuDNN benchmark; the load and features sections stay on the CPU)")
