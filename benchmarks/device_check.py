@@ -262,11 +262,12 @@ class Check:
         s = self.sizes
         steps = max(4, s["steps"] // 3)
         tried = {}
-        for backend in (["nccl", "gloo"] if self.gpu else ["gloo"]):
+        backends = ["nccl", "gloo"] if self.gpu else ["gloo"]
+        for backend in backends:
             out = self.work / f"cotrain_2proc_{backend}"
             args = self.train_args(out, steps) + ["--set", f"dist_backend={backend}"]
             try:
-                done = self.run(self.torchrun(2, args), timeout=self.timeout("cotrain_2proc") / 2)
+                done = self.run(self.torchrun(2, args), timeout=self.timeout("cotrain_2proc") / len(backends))
             except StepFailed as err:
                 tried[backend] = f"failed: {err}"
                 continue
