@@ -61,6 +61,7 @@ TARGETS = {
 FULL = {
     "forward_archs": ("resnet10", "resnet50"),
     "forward_shapes": ((1, 1, 64, 128, 128), (2, 1, 56, 224, 224)),
+    "forward_shapes_gpu": ((1, 1, 128, 128, 128), (4, 1, 128, 128, 128)),  # a GPU needs more work per call
     "warmup": 1,
     "repeats": 3,
     "forward_rounds": 3,  # the variants take turns, a fresh process each, so that drift hits them alike
@@ -354,11 +355,11 @@ def section_forward(runner: Runner, cfg: dict, args) -> dict:
     if peak["ok"]:
         runner.log("  matmul peak: " + ", ".join(f"{d} {peak[d + '_gflops']:.0f} GFLOP/s" for d in dtypes))
     results = {}
-    if args.quick:  # one process for everything: a smoke run, not a measurement
+    if args.quick or args.same_process:  # one process for everything: a smoke run, or a short GPU run
         results = runner.run([job for *_, jobs in groups for job in jobs])
     else:
         for arch, shape, _, jobs in groups:
-            for round_ in range(cfg["forward_rounds"]):
+            for round_ in range(args.rounds or cfg["forward_rounds"]):
                 for job in jobs:  # each variant in its own fresh process, in turns
                     r = runner.run([job])[job["id"]]
                     results[job["id"]] = _merge_rounds(results.get(job["id"]), r)
@@ -562,10 +563,12 @@ def section_train(runner: Runner, cfg: dict, args) -> dict:
     batch = 2
     argv = [a for f in folders for a in ("--data", str(f))] + [
         "--model", cfg["train_arch"], "--steps", str(cfg["train_steps"]), "--crop", *map(str, cfg["train_crop"]),
-        "--batch-size", str(batch), "--device", "cpu", "--cache-dir", str(runner.work / "train_cache"),
+        "--batch-size", str(batch), "--device", args.device, "--cache-dir", str(runner.work / "train_cache"),
         "--output", str(out), "--set", "val_fraction=0", "--set", f"log_every={cfg['train_log_every']}",
         "--set", f"checkpoint_every={cfg['train_steps']}", "--set", "keep_checkpoints=1",
     ] + (["--workers", "1"] if args.quick else [])
+    if args.device.startswith("cuda"):  # the GPU training path: bf16 autocast, channels_last_3d, loaders to match
+        argv += ["--amp", "bf16", "--set", "channels_last=true", "--workers", "8"]
     # the training command runs in its own process; then the loader alone, in the (idle) worker
     got = runner.run([
         {"id": "train/step", "kind": "train", "argv": argv, "metrics": str(out / "metrics.jsonl"), "batch_size": batch},
@@ -709,7 +712,8 @@ def render_markdown(report: dict) -> str:
                          f"({100 * r['outside_share_with_startup']:.0f}% with startup) | {r['read_preprocess_busy_s']:.2f} | "
                          f"{r['load_model_s'] + r['prepare_s']:.2f} | {r['import_s']:.2f} | {_gb(r['peak_bytes'])} |")
     if "train" in res:
-        lines += ["", "### Co-training on synthetic MSD tasks (2 tasks, CPU)", "",
+        where = "CPU" if report.get("device", "cpu") == "cpu" else f"{report['device']}, AMP bf16, channels_last_3d"
+        lines += ["", f"### Co-training on synthetic MSD tasks (2 tasks, {where})", "",
                   "| what | model | crop x batch | steps/s | samples/s | ratio | peak RSS GB |", "|---|---|---|---|---|---|---|"]
         for r in res["train"]["rows"]:
             if not r["ok"]:
@@ -748,9 +752,12 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable CPUs)")
     p.add_argument("--repeats", type=int, help="timed repeats per forward (default 7; quick 2)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variant")
+    p.add_argument("--rounds", type=int, help="turns of the forward variants, a fresh process each (default 3)")
+    p.add_argument("--same-process", action="store_true",
+                   help="every forward timing in one process, one round (a short GPU run: no process start per timing)")
     p.add_argument("--device", default="cpu",
-                   help="where the forward section runs: cpu (default) or cuda[:N] (AMP bf16, channels_last_3d, "
-                        "cuDNN benchmark; the other sections stay on the CPU)")
+                   help="where the forward and train sections run: cpu (default) or cuda[:N] (128^3-class inputs, "
+                        "AMP bf16, channels_last_3d, cuDNN benchmark; the load and features sections stay on the CPU)")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                    help="before each section, wait up to this long for load < 0.5 and no other busy python process")
     p.add_argument("--update-docs", action="store_true", help="write the table into docs/performance.md")
@@ -771,6 +778,8 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = dict(QUICK if args.quick else FULL)
+    if args.device.startswith("cuda") and "forward_shapes_gpu" in cfg:
+        cfg["forward_shapes"] = cfg["forward_shapes_gpu"]
     if args.repeats:
         cfg["repeats"] = args.repeats
     threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
@@ -792,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
     (work / "manifest.json").write_text(json.dumps({"schema_version": 1, "weights": []}))  # filled by `load`
     runner = Runner(work, threads, env, log)
     report = {"command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
-              "quick": args.quick, "started": _dt.datetime.now().isoformat(timespec="seconds"),
+              "quick": args.quick, "device": args.device, "started": _dt.datetime.now().isoformat(timespec="seconds"),
               "machine": machine, "config": {k: v for k, v in cfg.items()}, "targets_goal": TARGETS,
               "sections": {}, "results": {}}
     functions = {"forward": section_forward, "load": section_load, "features": section_features, "train": section_train}

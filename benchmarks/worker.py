@@ -110,6 +110,8 @@ def _forward_model(job: dict):
     device = job.get("device", "cpu")
     state = load_file(job["weights"], device=device)
     variant = job["variant"]
+    if device.startswith("cuda"):  # cuDNN picks its kernels per shape: part of the GPU fast path only
+        torch.backends.cudnn.benchmark = variant not in ("upstream", "default")
     if variant == "upstream":
         from benchmarks.reference import ReferenceBackbone
 
@@ -122,8 +124,6 @@ def _forward_model(job: dict):
     model = _without_init(lambda: med3d_hub.create_model(job["arch"], num_classes=0))
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
-    if device.startswith("cuda") and variant != "default":
-        torch.backends.cudnn.benchmark = True  # part of the GPU fast path: cuDNN picks its kernels per shape
     if variant == "default":
         return model, model.forward_features
     if variant in ("fast", "fast_bf16"):

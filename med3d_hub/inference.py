@@ -76,8 +76,9 @@ def _fused_applies(x, conv: nn.Conv3d) -> bool:
         return False  # let the compiler or the tracer see the plain ops
     if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
         return False  # the fused primitives have no backward
+    dtype = _autocast_dtype() or x.dtype
     return (
-        (_autocast_dtype() or x.dtype) in (torch.float32, torch.bfloat16)
+        (dtype == torch.float32 or (dtype == torch.bfloat16 and fused_bf16_available()))
         and conv.weight.dtype == torch.float32
         and conv.weight.device.type == "cpu"
         and torch.backends.mkldnn.enabled
@@ -253,6 +254,27 @@ def fused_path_available() -> bool:
         reason = f"{type(err).__name__}: {_first_line(err)}"
     log.warning("the fused oneDNN conv path is unavailable (%s); optimize_for_inference keeps the plain convs", reason)
     return False
+
+
+@functools.cache
+def fused_bf16_available() -> bool:
+    """Whether oneDNN runs the fused ops in bf16 on this CPU (it refuses CPUs without AVX-512 or AVX-NE-CONVERT).
+
+    Where it does not, bf16 autocast around the fast model takes the plain ops, which autocast
+    then runs in bf16 its own (slow, emulated) way.
+    """
+    try:
+        generator = torch.Generator().manual_seed(0)
+        conv = nn.Conv3d(8, 8, 3, padding=2, dilation=2).eval().requires_grad_(False)
+        x = torch.randn(1, 8, 6, 7, 5, generator=generator).contiguous(memory_format=torch.channels_last_3d)
+        with torch.no_grad():
+            expected = torch.relu(conv(x))
+            got = _fused_conv(conv, x.to(torch.bfloat16), relu=True).float()
+        return bool((got - expected).abs().max() <= 5e-2 * expected.abs().max())
+    except Exception as err:  # e.g. "bf16 path needs the cpu support avx_ne_convert or avx512bw, ..."
+        log.info("the fused oneDNN conv path has no bf16 on this CPU (%s); bf16 autocast takes the plain convs",
+                 _first_line(err))
+        return False
 
 
 def _fuse(model: nn.Module) -> None:

@@ -206,6 +206,17 @@ def test_float64_and_disabled_onednn_take_the_plain_ops():
             _assert_close(fast(x), ref)
 
 
+def test_bf16_autocast_runs_on_any_cpu():
+    """Where oneDNN has no bf16 for this CPU, the fast model takes the plain ops under autocast."""
+    model = _model("resnet10", num_classes=0)
+    fast = optimize_for_inference(model)
+    x = torch.randn(1, 1, 12, 16, 16)
+    ref = _plain(model, x)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fast(x)
+    assert _rel(out, ref) <= 5e-2
+
+
 def test_bf16_autocast_is_followed_where_the_cpu_has_it():
     from med3d_hub.features import _native_cpu_amp
 

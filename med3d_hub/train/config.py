@@ -97,6 +97,7 @@ class TrainConfig:
     deterministic: bool = False
     workers: int = 2
     device: str = "auto"
+    dist_backend: str = "auto"
     # validation
     val_fraction: float = 0.1
     val_every: int = 500
@@ -143,6 +144,7 @@ class TrainConfig:
         _check_choice(self.optimizer, "optimizer", ("sgd", "adam", "adamw"))
         _check_choice(self.schedule, "schedule", ("cosine", "poly", "constant"))
         _check_choice(self.amp, "amp", ("auto", "none", "bf16", "fp16"))
+        _check_choice(self.dist_backend, "dist_backend", ("auto", "nccl", "gloo"))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         for key in ("augment", "channels_last", "grad_checkpointing", "deterministic", "skip_bad_cases"):

@@ -1,8 +1,10 @@
 """The process group: one place that knows whether we run alone or under torchrun.
 
 ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; then the group is initialised with
-NCCL on GPUs and gloo on CPUs. A plain ``python -m med3d_hub.train`` runs as a group of one
-without initialising anything, and every collective below is then a no-op.
+NCCL on GPUs and gloo on CPUs. NCCL refuses two processes on one GPU, so when a node runs more
+processes than it has GPUs (``LOCAL_WORLD_SIZE``), ``auto`` takes gloo there too (gloo reduces
+CUDA tensors through host memory: slower, but it runs). A plain ``python -m med3d_hub.train``
+runs as a group of one without initialising anything, and every collective below is then a no-op.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch.distributed as dist
 
 from .config import ConfigError
 
-__all__ = ["DistContext", "init_distributed"]
+__all__ = ["DistContext", "init_distributed", "pick_backend"]
 
 
 @dataclass
@@ -38,7 +40,7 @@ class DistContext:
 
     def barrier(self) -> None:
         if self.initialised:
-            if self.device.type == "cuda":
+            if self.backend == "nccl":
                 dist.barrier(device_ids=[self.device.index])
             else:
                 dist.barrier()
@@ -86,8 +88,19 @@ def _pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def init_distributed(device: str = "auto", timeout_min: float = 60.0) -> DistContext:
-    """Join the torchrun process group if there is one; pick this process's device."""
+def pick_backend(preference: str, device: torch.device, local_world_size: int) -> str:
+    """``auto``: NCCL when every process of the node has a GPU of its own, else gloo."""
+    if preference == "nccl" and device.type != "cuda":
+        raise ConfigError("dist_backend nccl needs GPUs; use dist_backend: gloo (or auto) on CPUs")
+    if preference != "auto":
+        return preference
+    if device.type == "cuda" and local_world_size <= torch.cuda.device_count():
+        return "nccl"
+    return "gloo"
+
+
+def init_distributed(device: str = "auto", timeout_min: float = 60.0, backend: str = "auto") -> DistContext:
+    """Join the torchrun process group if there is one; pick this process's device and the backend."""
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -97,8 +110,8 @@ def init_distributed(device: str = "auto", timeout_min: float = 60.0) -> DistCon
         torch.cuda.set_device(dev)
     ctx = DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev)
     if launched:
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        backend = pick_backend(backend, dev, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        kwargs = {"device_id": dev} if backend == "nccl" else {}
         timeout = datetime.timedelta(minutes=timeout_min)
         # torchrun's agent keeps one key-value store across worker restarts, and the previous
         # attempt's connection keys are still in it; a new attempt that read them would dial

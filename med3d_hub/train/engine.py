@@ -354,7 +354,7 @@ def train(cfg: TrainConfig, resume: bool | str | None = None, job: Job | None = 
     cfg.check_runnable()
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    ctx = init_distributed(cfg.device, cfg.dist_timeout_min)
+    ctx = init_distributed(cfg.device, cfg.dist_timeout_min, cfg.dist_backend)
     stop = _StopRequest()
     stop.install()
     resources: list = []  # closed however the run ends: the output lock, the metrics files
