@@ -258,8 +258,7 @@ def _api(s: hub.Settings):
 
 def _reach(api, repo_id: str, s: hub.Settings, manifest: Path, secret: str | None):
     """The repo's info (None if it does not exist yet); a bounded request that fails fast on a dead Hub."""
-    import httpx2
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
+    from huggingface_hub.utils import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
 
     nothing = f"nothing was uploaded and {manifest.name} was not changed"
     try:
@@ -278,7 +277,7 @@ def _reach(api, repo_id: str, s: hub.Settings, manifest: Path, secret: str | Non
         raise PublishError(_scrub(f"the Hub at {s.endpoint} refused {repo_id}: {error}; {nothing}", secret)) from None
     except OfflineModeIsEnabled:
         raise hub.HubUnreachableError(f"offline mode is on (HF_HUB_OFFLINE); {nothing}") from None
-    except (httpx2.TransportError, OSError) as error:
+    except hub.transport_errors() as error:
         raise hub.HubUnreachableError(
             f"could not reach the Hub at {s.endpoint} (timeout {s.timeout:g} s): {type(error).__name__}: {error}; {nothing}. "
             "Check HF_ENDPOINT and the network"
@@ -295,9 +294,8 @@ _XET_HINT = (
 def _upload(api, repo_id: str, exported: Exported, private: bool, message: str, manifest: Path,
             secret: str | None) -> tuple[str, str]:
     """create_repo + one create_commit with every exported file; returns (commit sha, commit URL)."""
-    import httpx2
     from huggingface_hub import CommitOperationAdd
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import HfHubHTTPError
 
     unchanged = f"{manifest.name} was not changed"
     try:
@@ -309,7 +307,7 @@ def _upload(api, repo_id: str, exported: Exported, private: bool, message: str, 
         status = error.response.status_code if error.response is not None else None
         hint = "; check that the token may write to this repo (HF_TOKEN, `hf auth login`)" if status in (401, 403) else ""
         raise PublishError(_scrub(f"the upload to {repo_id} failed: {error}{hint}; {unchanged}", secret)) from None
-    except (httpx2.TransportError, OSError) as error:
+    except hub.transport_errors() as error:
         if "xet" in str(error).lower():
             raise PublishError(f"{_XET_HINT}. Nothing was committed; {unchanged}") from None
         raise hub.HubUnreachableError(
@@ -321,7 +319,7 @@ def _upload(api, repo_id: str, exported: Exported, private: bool, message: str, 
 
 def _check_remote_sha(api, repo_id: str, commit: str, exported: Exported, manifest: Path, secret: str | None) -> None:
     """The Hub must hold our bytes at the commit: its LFS sha256 and size of the weights equal ours."""
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import HfHubHTTPError
 
     try:
         found = api.get_paths_info(repo_id, [model_files.WEIGHTS_NAME], revision=commit)

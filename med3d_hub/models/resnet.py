@@ -12,6 +12,7 @@ This module builds networks. The classes also carry huggingface_hub's `PyTorchMo
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -158,13 +159,17 @@ def _check_choice(name: str, value, allowed) -> None:
         raise ValueError(f"{name}={value!r} is not supported; expected one of {sorted(allowed)}")
 
 
-class Med3DResNet(
-    nn.Module,
-    PyTorchModelHubMixin,
-    library_name="med3d-hub",
-    tags=["medical-imaging", "3d", "med3d", "resnet"],
-    paper_url="https://arxiv.org/abs/1904.00625",
-):
+# Model-card fields for PyTorchModelHubMixin. huggingface_hub gained them over its versions (paper_url
+# in 0.31), so only those the installed one accepts are passed.
+_HUB_CARD = {
+    "library_name": "med3d-hub",
+    "tags": ["medical-imaging", "3d", "med3d", "resnet"],
+    "paper_url": "https://arxiv.org/abs/1904.00625",
+}
+_HUB_CARD = {k: v for k, v in _HUB_CARD.items() if k in inspect.signature(PyTorchModelHubMixin.__init_subclass__).parameters}
+
+
+class Med3DResNet(nn.Module, PyTorchModelHubMixin, **_HUB_CARD):
     """A Med3D 3D ResNet with an optional classification or segmentation head.
 
     ``model.save_pretrained(folder)`` writes ``model.safetensors`` and a ``config.json`` of the
