@@ -32,7 +32,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import torch
 
@@ -348,17 +348,8 @@ def transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def accepted_kwargs(function: Callable, **kwargs: object) -> dict[str, object]:
-    """The keyword arguments ``function`` accepts: huggingface_hub gained some over its versions."""
-    parameters = inspect.signature(function).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return kwargs
-    return {k: v for k, v in kwargs.items() if k in parameters}
-
-
 def _fetch_hub(f: HubFile, s: Settings, expected: str | None, skip_if: Callable[[str], bool] | None) -> Fetched:
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.utils import HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub import hf_hub_url
 
     url = hf_hub_url(f.repo_id, f.filename, revision=f.revision, endpoint=s.endpoint)
     if s.offline:
@@ -375,16 +366,14 @@ def _fetch_hub(f: HubFile, s: Settings, expected: str | None, skip_if: Callable[
         )
 
     # One bounded request tells whether the server is there, and what it holds.
-    options = accepted_kwargs(get_hf_file_metadata, token=s.token, timeout=s.timeout, endpoint=s.endpoint)
     try:
-        meta = get_hf_file_metadata(url, **options)
-    except HfHubHTTPError as error:
-        status = error.response.status_code if error.response is not None else None
-        if status is None or status >= 500:
-            return _unreachable(f, s, url, _reason(error), expected)
-        raise _not_served(f, url, error) from None
-    except (OfflineModeIsEnabled, *transport_errors()) as error:
-        return _unreachable(f, s, url, _reason(error), expected)
+        meta = _probe(url, s)
+    except _Refused as refused:
+        if refused.status >= 500:
+            return _unreachable(f, s, url, f"HTTP {refused.status}", expected)
+        raise _not_served(f, url, refused) from None
+    except HubUnreachableError as error:
+        return _unreachable(f, s, url, str(error), expected)
     if meta.commit_hash is None:
         reason = "an answer without the X-Repo-Commit header: this server does not speak the Hub protocol"
         return _unreachable(f, s, url, reason, expected)
@@ -406,6 +395,52 @@ def _fetch_hub(f: HubFile, s: Settings, expected: str | None, skip_if: Callable[
     fetched = _hf_download(f, s, url, meta, want)
     _remember_converted(f, fetched.sha256, s)
     return fetched
+
+
+@dataclass(frozen=True)
+class _Remote:
+    """What a Hub says about a file before sending it (the headers huggingface_hub reads too)."""
+
+    commit_hash: str | None
+    etag: str | None
+    size: int | None
+
+
+class _Refused(Exception):
+    """The Hub answered with an error status; ``code`` is its X-Error-Code (RepoNotFound, EntryNotFound...)."""
+
+    def __init__(self, status: int, code: str | None):
+        super().__init__(f"HTTP {status} {code or ''}".strip())
+        self.status, self.code = status, code
+
+
+def _probe(url: str, s: Settings) -> _Remote:
+    """One HEAD request, without retries: ``HF_HUB_ETAG_TIMEOUT`` bounds it on every huggingface_hub version.
+
+    Redirects within the Hub are followed; one to another host (a CDN) is not: the Hub's answer already
+    carries the file's commit, ETag and size. Raises ``_Refused`` for an error status and
+    ``HubUnreachableError`` when no answer came.
+    """
+    import requests
+    from huggingface_hub.utils import build_hf_headers
+
+    headers = {**build_hf_headers(token=s.token), "Accept-Encoding": "identity"}
+    for _ in range(5):
+        try:
+            response = requests.head(url, headers=headers, allow_redirects=False, timeout=s.timeout)
+        except requests.RequestException as error:
+            raise HubUnreachableError(_reason(error)) from None
+        location = response.headers.get("Location", "")
+        if 300 <= response.status_code < 400 and location and not urlsplit(location).netloc:
+            url = urljoin(url, location)
+            continue
+        break
+    if response.status_code >= 400:
+        raise _Refused(response.status_code, response.headers.get("X-Error-Code"))
+    h = response.headers
+    etag = (h.get("X-Linked-Etag") or h.get("ETag") or "").removeprefix("W/").strip('"') or None
+    size = h.get("X-Linked-Size") or h.get("Content-Length")
+    return _Remote(h.get("X-Repo-Commit"), etag, int(size) if size and size.isdigit() else None)
 
 
 def _hub_file_key(f: HubFile) -> str:
@@ -435,7 +470,7 @@ def _converted_sha256(f: HubFile, s: Settings) -> str | None:
 _CACHE_NAME = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]*")
 
 
-def _hf_download(f: HubFile, s: Settings, url: str, meta, want: str | None) -> Fetched:
+def _hf_download(f: HubFile, s: Settings, url: str, meta: _Remote, want: str | None) -> Fetched:
     """Download a Hub file into huggingface_hub's cache layout, checked before it enters the cache.
 
     The layout is the client's documented one (``models--org--name/blobs/<etag>``, a
@@ -598,21 +633,19 @@ def _unreachable(f: HubFile, s: Settings, url: str, reason: str, expected: str |
     ) from None
 
 
-def _not_served(f: HubFile, url: str, error: BaseException) -> WeightsDownloadError:
-    from huggingface_hub.utils import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
-    if isinstance(error, GatedRepoError):
+def _not_served(f: HubFile, url: str, refused: _Refused) -> WeightsDownloadError:
+    """The Hub's refusal in words, from its X-Error-Code (the header huggingface_hub maps to its error classes)."""
+    if refused.code == "GatedRepo":
         what = f"{f.repo_id} is gated: accept its conditions on the Hub and set HF_TOKEN"
-    elif isinstance(error, RepositoryNotFoundError):
+    elif refused.code == "RepoNotFound":
         what = f"repo {f.repo_id} was not found (or is private: set HF_TOKEN)"
-    elif isinstance(error, RevisionNotFoundError):
+    elif refused.code == "RevisionNotFound":
         what = f"revision {f.revision!r} does not exist in {f.repo_id}"
-    elif isinstance(error, EntryNotFoundError):
+    elif refused.code == "EntryNotFound":
         what = f"{f.filename} does not exist in {f.repo_id}@{f.revision}"
     else:
-        status = getattr(getattr(error, "response", None), "status_code", None)
-        hint = "; check HF_TOKEN" if status in (401, 403) else ""
-        what = f"the server refused it (HTTP {status}){hint}"
+        hint = "; check HF_TOKEN" if refused.status in (401, 403) else ""
+        what = f"the server refused it (HTTP {refused.status}){hint}"
     return WeightsDownloadError(f"cannot download {url}: {what}")
 
 

@@ -32,6 +32,8 @@ import med3d_hub
 from med3d_hub import hub, manifest
 from med3d_hub.checkpoints import CheckpointMismatchError
 
+pytestmark = pytest.mark.hub  # runs once per huggingface_hub generation (.ci/compat.sh)
+
 REPO = "med3d-test/MedicalNet-Resnet10"
 FILE = "resnet_10.pth"
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -34,7 +34,10 @@ from med3d_hub.export import RunError, export, read_run  # noqa: E402
 from med3d_hub.publish import fixed_input, publish  # noqa: E402
 
 # huggingface_hub itself PUTs LFS bytes with httpx2's deprecated data=<file>.
-pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
+pytestmark = [
+    pytest.mark.hub,  # runs once per huggingface_hub generation (.ci/compat.sh)
+    pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning"),
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO = "med3d-test/resnet10-cotrain"
