@@ -28,7 +28,7 @@ for version in $VERSIONS; do
     case "$version" in
         2.*) ;;
         *) mkdir -p "$layer/httpx2"
-           echo "raise ImportError('httpx2 is hidden: huggingface_hub $version environments do not have it')" \
+           echo "raise ModuleNotFoundError('No module named httpx2 (hidden: huggingface_hub $version environments lack it)', name='httpx2')" \
                > "$layer/httpx2/__init__.py" ;;
     esac
     export PYTHONPATH="$layer:$PWD"
