@@ -278,6 +278,20 @@ def test_offline_after_caching(hosted, data, hf_cache, monkeypatch):
     assert_backbone_equal(med3d_hub.create_model("resnet10", pretrained=True, local_files_only=True), data)
 
 
+def test_hf_reference_converted_from_a_local_copy_loads_offline(env, data, tmp_path, monkeypatch):
+    """The same bytes loaded first from a path: the hf:// load is then satisfied from the converted
+    cache without a download, and must still work offline afterwards."""
+    env.add_file("someone/else", "r10.pth", data)
+    local = tmp_path / "r10.pth"
+    local.write_bytes(data)
+    med3d_hub.create_model("resnet10", pretrained=str(local), num_classes=0)
+    med3d_hub.create_model("resnet10", pretrained="hf://someone/else/r10.pth", num_classes=0)
+    assert gets(env, "r10.pth") == 0
+    env.stop()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert_backbone_equal(med3d_hub.create_model("resnet10", pretrained="hf://someone/else/r10.pth", num_classes=0), data)
+
+
 def test_offline_without_a_cached_copy_says_so(hosted, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(hub.HubUnreachableError, match="offline mode is on"):
