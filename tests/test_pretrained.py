@@ -532,5 +532,5 @@ def test_timm_registry_builds_through_our_loader(hosted, data):
     assert torch.equal(model.layer4[0].conv2.weight, backbone["layer4.0.conv2.weight"])
     assert timm.create_model("med3d_resnet10", pretrained=True).pretrained_cfg["name"] == "resnet10.test"
     random = timm.create_model("med3d_resnet18", num_classes=0)
-    assert "sha256" not in random.pretrained_cfg and random.pretrained_cfg["input_size"] == (1, 56, 448, 448)
+    assert "sha256" not in random.pretrained_cfg and random.pretrained_cfg["input_size"] == [1, 56, 448, 448]
     assert model.pretrained_cfg["input_size"][0] == 2 and model.pretrained_cfg["num_classes"] == 3

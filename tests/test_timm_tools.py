@@ -44,8 +44,8 @@ def model(request, weights_file, hf_cache, tmp_path, monkeypatch):
 
 def test_resolve_model_data_config_is_3d(model):
     config = resolve_model_data_config(model)
-    assert config["input_size"] == (1, 56, 448, 448)
-    assert config["mean"] == (0.0,) and config["std"] == (1.0,)
+    assert list(config["input_size"]) == [1, 56, 448, 448]
+    assert list(config["mean"]) == [0.0] and list(config["std"]) == [1.0]
     assert model.pretrained_cfg["first_conv"] == "conv1" and model.pretrained_cfg["classifier"] == "fc"
     assert model.pretrained_cfg["num_classes"] == 3 and model.default_cfg is model.pretrained_cfg
 

@@ -302,7 +302,9 @@ class Med3DResNet(nn.Module, PyTorchModelHubMixin, **_HUB_CARD):
 
     @classmethod
     def _from_pretrained(cls, *, model_id, revision, cache_dir, force_download, local_files_only, token,
-                         map_location="cpu", strict: bool = True, config=None, **model_kwargs):
+                         map_location="cpu", strict: bool = True, config=None, proxies=None, resume_download=None,
+                         **model_kwargs):
+        # proxies and resume_download: what huggingface_hub 0.x passes too; they do not change what is loaded
         from ..model_files import load_pretrained
 
         return load_pretrained(
@@ -321,9 +323,9 @@ class Med3DResNet(nn.Module, PyTorchModelHubMixin, **_HUB_CARD):
         dataset statistics: the network sees zero-mean, unit-variance input.
         """
         return {
-            "input_size": (self.in_chans, *(size or MEDICALNET_INPUT_SIZE)),
-            "mean": (0.0,) * self.in_chans,
-            "std": (1.0,) * self.in_chans,
+            "input_size": [self.in_chans, *(size or MEDICALNET_INPUT_SIZE)],  # lists: pretrained_cfg is JSON-ready
+            "mean": [0.0] * self.in_chans,
+            "std": [1.0] * self.in_chans,
             "interpolation": "trilinear",
             "crop_pct": 1.0,
             "crop_mode": "center",
