@@ -5,7 +5,7 @@
 # --no-deps`, DIR first on PYTHONPATH. A generation's own transport comes along when the main
 # environment lacks it (httpx for 1.x; 0.x uses requests, a declared dependency). httpx2, which only
 # 2.x brings, is hidden from the older generations, as it is absent where users run them.
-#   0.23.5  the declared floor (requests)
+#   0.25.2  the declared floor (requests); 0.23 and 0.24 post a model card to the import-time endpoint
 #   0.36.2  the last 0.x, what transformers<5 pins (requests)
 #   1.33.0  the last 1.x (httpx)
 #   2.x     the main environment's own (httpx2): the full suite ran against it in .ci/run
@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-VERSIONS=${MED3D_COMPAT_HUB_VERSIONS:-0.23.5 0.36.2 1.33.0}
+VERSIONS=${MED3D_COMPAT_HUB_VERSIONS:-0.25.2 0.36.2 1.33.0}
 LAYERS=$(mktemp -d)
 trap 'rm -rf "$LAYERS"' EXIT
 
