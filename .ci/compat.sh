@@ -9,7 +9,9 @@
 #   0.36.2  the last 0.x, what transformers<5 pins (requests)
 #   1.33.0  the last 1.x (httpx)
 #   2.x     the main environment's own (httpx2): the full suite ran against it in .ci/run
-# Override with MED3D_COMPAT_HUB_VERSIONS="0.30.2 1.0.0 ..."; arguments go to pytest.
+# Then the floors of numpy and timm, layered the same way, on the tests that exercise them.
+# Override with MED3D_COMPAT_HUB_VERSIONS="0.30.2 1.0.0 ..." (MED3D_COMPAT_FLOORS=0 skips the floors);
+# arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -40,4 +42,17 @@ try:
 except ImportError as e:
     print("without httpx2")' | paste -sd' ')"
     "$PY" -m pytest -m "hub and not slow" -q -p no:cacheprovider "$@"
+done
+
+# Declared floors of numpy and timm, on the tests that lean on them.
+[ "${MED3D_COMPAT_FLOORS:-1}" = 0 ] && exit 0
+for spec in "numpy==1.26.4:tests/test_preprocess.py tests/test_io.py tests/test_models.py" \
+            "timm==1.0.3:tests/test_timm_tools.py tests/test_models.py"; do
+    requirement=${spec%%:*}
+    layer="$LAYERS/${requirement/==/-}"
+    "$PY" -m pip install --quiet --disable-pip-version-check --target "$layer" --no-deps "$requirement"
+    export PYTHONPATH="$layer:$PWD"
+    echo "=== compatibility: $requirement ($("$PY" -c "import ${requirement%%==*} as m; print(m.__version__, 'from', m.__file__)"))"
+    # shellcheck disable=SC2086
+    "$PY" -m pytest -q -p no:cacheprovider ${spec#*:}
 done
