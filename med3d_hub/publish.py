@@ -194,7 +194,7 @@ def publish(
             )
         echo(f"  uploading to {repo_id} on {s.endpoint} ({'private' if private or getattr(info, 'private', False) else 'public'} repo, one commit)")
         commit, commit_url = _upload(api, repo_id, exported, private, revision_message or f"Publish {name} with med3d-hub",
-                                     manifest, secret)
+                                     manifest, secret, exists=info is not None)
         echo(f"  commit {commit}")
         _check_remote_sha(api, repo_id, commit, exported, manifest, secret)
 
@@ -292,14 +292,19 @@ _XET_HINT = (
 
 
 def _upload(api, repo_id: str, exported: Exported, private: bool, message: str, manifest: Path,
-            secret: str | None) -> tuple[str, str]:
-    """create_repo + one create_commit with every exported file; returns (commit sha, commit URL)."""
+            secret: str | None, *, exists: bool) -> tuple[str, str]:
+    """create_repo (for a new repo) + one create_commit with every exported file; returns (commit sha, commit URL).
+
+    An existing repo is not created again: huggingface_hub 0.x reads the answer to that call against
+    the endpoint of import time, and fails for any other.
+    """
     from huggingface_hub import CommitOperationAdd
     from huggingface_hub.utils import HfHubHTTPError
 
     unchanged = f"{manifest.name} was not changed"
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        if not exists:
+            api.create_repo(repo_id, private=private, exist_ok=True)
         operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(exported.folder / f)) for f in exported.files]
         info = api.create_commit(repo_id, operations, commit_message=message,
                                  commit_description=f"sha256 of {model_files.WEIGHTS_NAME}: {exported.sha256}")
