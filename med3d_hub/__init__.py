@@ -4,6 +4,8 @@
     model = med3d_hub.create_model("resnet50", num_classes=0)   # pooled embeddings
 """
 
+import sys
+
 from .io import read_volume
 from .manifest import add_manifest, list_pretrained
 from .preprocess import transforms_for
@@ -35,3 +37,60 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _register_with_timm() -> None:
+    """Make the ``med3d_`` models known to timm in any process that imports both, in either order.
+
+    timm takes about a second to import, so it is not imported here: when it is already loaded the
+    models are registered now, otherwise right after ``import timm`` finishes.
+    """
+    if "timm" in sys.modules:
+        _import_timm_models()
+    else:
+        sys.meta_path.insert(0, _RegisterAfterTimm())
+
+
+def _import_timm_models() -> None:
+    import importlib
+    import logging
+
+    try:
+        importlib.import_module(".timm_models", __name__)
+    except Exception as error:  # never break `import timm`; say how to see the cause
+        logging.getLogger(__name__).warning(
+            "the med3d_ models were not registered with timm (%s); `import med3d_hub.timm_models` shows why", error
+        )
+
+
+class _RegisterAfterTimm:
+    """A one-shot import hook: lets timm import as usual, then registers the models."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "timm":
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _ThenRegister(spec.loader)
+        return spec
+
+
+class _ThenRegister:
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __getattr__(self, name):  # resources and the like: the real loader's
+        return getattr(self.loader, name)
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        _import_timm_models()
+
+
+_register_with_timm()

@@ -68,6 +68,13 @@ def card_metadata(run: Run, *, license: str, name: str):
     )
 
 
+def _layout(config: dict) -> str:
+    """layer3/layer4 as the config builds them: Med3D's dilated layout, or the strided one."""
+    if config.get("dilated", True):
+        return f"dilated layer3/layer4, output stride {config.get('output_stride', 8)}"
+    return f"strided layer3/layer4 (dilated=False), output stride {config.get('output_stride', 32)}"
+
+
 def model_card(
     run: Run,
     *,
@@ -102,8 +109,8 @@ def model_card(
     out = [f"---\n{meta}\n---\n", f"# {name}\n", f"{description}.\n"]
     out.append(
         f"A Med3D 3D ResNet-{depth} (Chen, Ma, Zheng 2019) for CT and MRI volumes, in the layout of "
-        "med3d-hub's model zoo: MedicalNet's parameter names, dilated "
-        "layer3/layer4, output stride 8. The weights load strictly; a mismatch is an error that names the keys.\n"
+        f"med3d-hub's model zoo: MedicalNet's parameter names, {_layout(config)}. "
+        "The weights load strictly; a mismatch is an error that names the keys.\n"
     )
     out.append("## How to use\n")
     out.append(

@@ -239,7 +239,7 @@ def model_preprocess(model, name: str, overrides: dict):
     from .preprocess import transforms_for
 
     base = model
-    if getattr(model, "pretrained_cfg", None) is None:
+    if (getattr(model, "pretrained_cfg", None) or {}).get("sha256") is None:  # random weights
         from .manifest import default_entry
         from .registry import split_name
 
@@ -638,7 +638,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_demo(
         model,
         weights=label,
-        random_weights=model.pretrained_cfg is None,
+        random_weights=(model.pretrained_cfg or {}).get("sha256") is None,
         model_name=split_name(args.model)[0],
         scans=args.scan or None,
         out_dir=args.out_dir,

@@ -509,6 +509,13 @@ def export(
             "give the licence of the weights (--license): an id such as mit, apache-2.0, cc-by-4.0, "
             f"cc-by-sa-4.0, or other{hint}; the Medical Segmentation Decathlon data is CC-BY-SA 4.0"
         )
+    if medicalnet_pth and not run.config.get("dilated", True):
+        raise RunError(
+            "--medicalnet-pth needs a dilated model: MedicalNet's own network always dilates layer3/layer4 "
+            "(output stride 8), and this one was trained with dilated=False (output stride 32), so upstream code "
+            "would compute another function with these weights. Export without --medicalnet-pth; "
+            "med3d_hub.create_model(..., dilated=False) loads the safetensors file"
+        )
     license = license_id(license or run.license)
     description = description or default_description(run)
     output = Path(output).expanduser()

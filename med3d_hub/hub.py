@@ -26,14 +26,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import logging
 import os
 import re
+import shutil
+import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import torch
 
@@ -70,12 +74,17 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT = 10.0  # seconds for one metadata request or one read of a download
+DEFAULT_DEADLINE = 1800.0  # seconds for one whole download, resumptions included
+DEFAULT_RETRIES = 3  # resumptions of a download after the connection was cut
 CACHE_ENV = "MED3D_HUB_CACHE"
 OLD_CACHE_ENV = "MED3D_CACHE"  # deprecated: it used to hold only the training cache, under its train/ folder
 CACHE_KINDS = ("weights", "downloads", "train")  # the folders of the cache root that `med3d cache` manages
 CACHE_FORMAT = "med3d_hub.state_dict.v2"
 STALE_AFTER_S = 6 * 3600.0  # a temporary file untouched this long belongs to a killed process
+DEADLINE_ENV = "MED3D_HUB_DOWNLOAD_DEADLINE"
+RETRIES_ENV = "MED3D_HUB_DOWNLOAD_RETRIES"
 _CHUNK = 8 << 20
+_READ = 1 << 20  # at most this many bytes per read of a download: memory stays flat
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TRUE = {"1", "on", "yes", "true"}
 
@@ -206,8 +215,10 @@ class Settings:
     cache: Path  # ours: converted weights, URL downloads, locks
     offline: bool
     token: str | bool | None
-    timeout: float
-    download_timeout: float
+    timeout: float  # one metadata request, and connecting for a download (HF_HUB_ETAG_TIMEOUT)
+    download_timeout: float  # the longest silence in the middle of a download (HF_HUB_DOWNLOAD_TIMEOUT)
+    download_deadline: float  # one whole download, resumptions included (MED3D_HUB_DOWNLOAD_DEADLINE)
+    download_retries: int  # resumptions after the connection was cut (MED3D_HUB_DOWNLOAD_RETRIES)
 
 
 def _flag(*names: str) -> bool | None:
@@ -215,10 +226,10 @@ def _flag(*names: str) -> bool | None:
     return None if not values else any(v.strip().lower() in _TRUE for v in values)
 
 
-def _seconds(name: str) -> float:
+def _seconds(name: str, default: float = DEFAULT_TIMEOUT) -> float:
     raw = os.environ.get(name)
     if not raw:
-        return DEFAULT_TIMEOUT
+        return default
     try:
         value = float(raw)
     except ValueError:
@@ -254,6 +265,15 @@ def cache_root(hf_home: Path | None = None) -> Path:
     return hf_home / "med3d_hub"
 
 
+def _count(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    if not raw.strip().isdigit():
+        raise ValueError(f"{name}={raw!r} must be a whole number >= 0")
+    return int(raw)
+
+
 def settings(
     *, cache_dir: str | os.PathLike | None = None, local_files_only: bool = False, token: str | bool | None = None
 ) -> Settings:
@@ -278,6 +298,8 @@ def settings(
         token=token,
         timeout=_seconds("HF_HUB_ETAG_TIMEOUT"),
         download_timeout=_seconds("HF_HUB_DOWNLOAD_TIMEOUT"),
+        download_deadline=_seconds(DEADLINE_ENV, DEFAULT_DEADLINE),
+        download_retries=_count(RETRIES_ENV, DEFAULT_RETRIES),
     )
 
 
@@ -685,32 +707,47 @@ def _ways_out(s: Settings, filename: str) -> str:
     )
 
 
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """The network errors huggingface_hub's HTTP client can raise, for ``except`` clauses.
+
+    Its transport changed with each generation: requests in 0.x (whose errors are OSErrors), httpx in
+    1.x, httpx2 in 2.x (each with a ``TransportError``). They are read from the modules already
+    loaded, so no transport is imported, and none is needed that the installed client lacks.
+    """
+    errors: list[type[BaseException]] = [OSError]
+    for name in ("httpx", "httpx2"):
+        module = sys.modules.get(name)
+        if module is not None and isinstance(getattr(module, "TransportError", None), type):
+            errors.append(module.TransportError)
+    return tuple(errors)
+
+
 def _fetch_hub(f: HubFile, s: Settings, expected: str | None, skip_if: Callable[[str], bool] | None) -> Fetched:
-    import httpx2
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub import hf_hub_url
 
     url = hf_hub_url(f.repo_id, f.filename, revision=f.revision, endpoint=s.endpoint)
     if s.offline:
         path = _from_hf_cache(f, s)
-        if path is None:
-            raise HubUnreachableError(
-                f"{f} is not in the Hugging Face cache {s.hub_cache}, and offline mode is on "
-                "(HF_HUB_OFFLINE or local_files_only), so it was not downloaded from "
-                f"{url}."
-            )
-        return _verify_hf(path, f, s, expected, where=str(path))
+        if path is not None:
+            return _verify_hf(path, f, s, expected, where=str(path))
+        known = expected or _converted_sha256(f, s)
+        if known and skip_if is not None and skip_if(known):
+            return Fetched(None, known, str(cached_weights_path(known, s)))
+        raise HubUnreachableError(
+            f"{f} is not in the Hugging Face cache {s.hub_cache}, and offline mode is on "
+            "(HF_HUB_OFFLINE or local_files_only), so it was not downloaded from "
+            f"{url}."
+        )
 
     # One bounded request tells whether the server is there, and what it holds.
     try:
-        meta = get_hf_file_metadata(url, token=s.token, timeout=s.timeout, endpoint=s.endpoint)
-    except HfHubHTTPError as error:
-        status = error.response.status_code if error.response is not None else None
-        if status is None or status >= 500:
-            return _unreachable(f, s, url, _reason(error), expected)
-        raise _not_served(f, url, error) from None
-    except (httpx2.TransportError, OfflineModeIsEnabled, OSError) as error:
-        return _unreachable(f, s, url, _reason(error), expected)
+        meta = _probe(url, s)
+    except _Refused as refused:
+        if refused.status >= 500:
+            return _unreachable(f, s, url, f"HTTP {refused.status}", expected)
+        raise _not_served(f, url, refused) from None
+    except HubUnreachableError as error:
+        return _unreachable(f, s, url, str(error), expected)
     if meta.commit_hash is None:
         reason = "an answer without the X-Repo-Commit header: this server does not speak the Hub protocol"
         return _unreachable(f, s, url, reason, expected)
@@ -727,32 +764,231 @@ def _fetch_hub(f: HubFile, s: Settings, expected: str | None, skip_if: Callable[
         )
     want = expected or remote
     if want and skip_if is not None and skip_if(want):
+        _remember_converted(f, want, s)
         return Fetched(None, want, url)
-    path = _hf_download(f, s, url)
-    return _verify_hf(path, f, s, want, where=url)
+    fetched = _hf_download(f, s, url, meta, want)
+    _remember_converted(f, fetched.sha256, s)
+    return fetched
 
 
-def _hf_download(f: HubFile, s: Settings, url: str) -> str:
-    import httpx2
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+@dataclass(frozen=True)
+class _Remote:
+    """What a Hub says about a file before sending it (the headers huggingface_hub reads too)."""
 
+    commit_hash: str | None
+    etag: str | None
+    size: int | None
+
+
+class _Refused(Exception):
+    """The Hub answered with an error status; ``code`` is its X-Error-Code (RepoNotFound, EntryNotFound...)."""
+
+    def __init__(self, status: int, code: str | None):
+        super().__init__(f"HTTP {status} {code or ''}".strip())
+        self.status, self.code = status, code
+
+
+def _probe(url: str, s: Settings) -> _Remote:
+    """One HEAD request, without retries: ``HF_HUB_ETAG_TIMEOUT`` bounds it on every huggingface_hub version.
+
+    Redirects within the Hub are followed; one to another host (a CDN) is not: the Hub's answer already
+    carries the file's commit, ETag and size. Raises ``_Refused`` for an error status and
+    ``HubUnreachableError`` when no answer came.
+    """
+    import requests
+    from huggingface_hub.utils import build_hf_headers
+
+    headers = {**build_hf_headers(token=s.token), "Accept-Encoding": "identity"}
+    for _ in range(5):
+        try:
+            response = requests.head(url, headers=headers, allow_redirects=False, timeout=s.timeout)
+        except requests.RequestException as error:
+            raise HubUnreachableError(_reason(error)) from None
+        location = response.headers.get("Location", "")
+        if 300 <= response.status_code < 400 and location and not urlsplit(location).netloc:
+            url = urljoin(url, location)
+            continue
+        break
+    if response.status_code >= 400:
+        raise _Refused(response.status_code, response.headers.get("X-Error-Code"))
+    h = response.headers
+    etag = (h.get("X-Linked-Etag") or h.get("ETag") or "").removeprefix("W/").strip('"') or None
+    size = h.get("X-Linked-Size") or h.get("Content-Length")
+    return _Remote(h.get("X-Repo-Commit"), etag, int(size) if size and size.isdigit() else None)
+
+
+def _hub_file_key(f: HubFile) -> str:
+    return hashlib.sha256(f"{f.repo_id}|{f.revision}|{f.filename}".encode()).hexdigest()
+
+
+def _remember_converted(f: HubFile, sha256: str, s: Settings) -> None:
+    """Note which bytes a Hub file held, so offline mode finds their converted copy without the original."""
+    memo = s.cache / "hub-files" / _hub_file_key(f)
     try:
-        return hf_hub_download(
-            f.repo_id,
-            f.filename,
-            revision=f.revision,
-            cache_dir=s.hub_cache,
-            endpoint=s.endpoint,
-            token=s.token,
-            etag_timeout=s.timeout,
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_text(sha256)
+        os.replace(tmp, memo)
+    except OSError:  # a read-only cache: offline loads then need the Hugging Face cache
+        pass
+
+
+def _converted_sha256(f: HubFile, s: Settings) -> str | None:
+    try:
+        known = (s.cache / "hub-files" / _hub_file_key(f)).read_text().strip()
+    except OSError:
+        return None
+    return known if _SHA256.fullmatch(known) else None
+
+
+_CACHE_NAME = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]*")
+
+
+def _hf_download(f: HubFile, s: Settings, url: str, meta: _Remote, want: str | None) -> Fetched:
+    """Download a Hub file into huggingface_hub's cache layout, checked before it enters the cache.
+
+    The layout is the client's documented one (``models--org--name/blobs/<etag>``, a
+    ``snapshots/<commit>/<file>`` link to it, ``refs/<branch>``), so its offline mode, ``scan_cache_dir``
+    and ``hf cache`` see the file. The bytes travel through ``_download``, which bounds the transfer the
+    same way whatever huggingface_hub generation is installed.
+    """
+    from huggingface_hub.utils import build_hf_headers
+
+    etag, commit = meta.etag or "", meta.commit_hash or ""
+    if not _CACHE_NAME.fullmatch(etag) or not re.fullmatch(r"[0-9a-f]{40}", commit):
+        raise WeightsDownloadError(
+            f"cannot download {url}: the server's answer names no usable ETag ({etag!r}) or commit ({commit!r})"
         )
-    except LocalEntryNotFoundError as error:
-        raise HubUnreachableError(f"lost the connection to {s.endpoint} while downloading {url}: {error}.") from None
-    except HfHubHTTPError as error:
-        raise _not_served(f, url, error) from None
-    except (httpx2.TransportError, OSError) as error:
-        raise WeightsDownloadError(f"the download of {url} failed: {error}; nothing was kept, retry") from None
+    repo_dir = s.hub_cache / ("models--" + f.repo_id.replace("/", "--"))
+    blob = repo_dir / "blobs" / etag
+    pointer = _inside(repo_dir / "snapshots" / commit, f.filename, url)
+    if blob.is_file():
+        _link(pointer, blob)
+        return _verify_hf(str(pointer), f, s, want, where=url)
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    tmp = blob.with_name(f"{blob.name}.{uuid.uuid4().hex[:8]}.incomplete")
+    try:
+        actual = _download(url, tmp, s, headers=build_hf_headers(token=s.token), size=meta.size)
+        if want is not None and actual != want:
+            raise _mismatch(
+                f"{f.filename} ({f}, from {url})",
+                want,
+                actual,
+                (),
+                "The download was corrupted or the server holds other bytes than it reports; retry, or check the mirror.",
+            )
+        os.replace(tmp, blob)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _link(pointer, blob)
+    if f.revision != commit:
+        ref = _inside(repo_dir / "refs", f.revision, url)
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(commit)
+    if want is None:
+        log.warning("the Hub reported no sha256 for %s; it is loaded without a content check", f)
+    return Fetched(pointer, actual, url)
+
+
+def _inside(folder: Path, relative: str, url: str) -> Path:
+    """``folder / relative``, refused when it would land outside ``folder``."""
+    path = folder / relative
+    if relative.startswith("/") or ".." in Path(relative).parts or not os.path.abspath(path).startswith(
+        os.path.abspath(folder) + os.sep
+    ):
+        raise WeightsDownloadError(f"cannot download {url}: {relative!r} would be written outside {folder}")
+    return path
+
+
+def _link(pointer: Path, blob: Path) -> None:
+    """Point a snapshot entry at its blob: a relative link, or a copy where links are not allowed."""
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pointer.with_name(f".{pointer.name}.{uuid.uuid4().hex[:8]}.incomplete")
+    try:
+        try:
+            os.symlink(os.path.relpath(blob, pointer.parent), tmp)
+        except OSError:
+            shutil.copyfile(blob, tmp)
+        os.replace(tmp, pointer)
+    finally:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+
+
+class _Cut(Exception):
+    """The server ended a response before the whole file arrived."""
+
+
+def _download(url: str, dest: Path, s: Settings, *, headers: Mapping[str, str] | None = None, size: int | None = None) -> str:
+    """GET ``url`` into ``dest`` (created or truncated) and return the sha256 of its bytes.
+
+    Streamed to disk a read at a time, so memory stays flat. Every download ends, whatever the server
+    does: ``HF_HUB_DOWNLOAD_TIMEOUT`` of silence ends it (a stalled server is not asked again), a cut
+    connection is resumed with a Range request (from the start when the server ignores Range) at most
+    ``MED3D_HUB_DOWNLOAD_RETRIES`` times, and ``MED3D_HUB_DOWNLOAD_DEADLINE`` bounds the whole.
+    """
+    import requests
+    import urllib3
+
+    started = time.monotonic()
+    deadline = started + s.download_deadline
+    base = {**(headers or {}), "Accept-Encoding": "identity"}
+    digest, done, cuts, answered = hashlib.sha256(), 0, 0, False
+
+    def stopped(what: str) -> HubUnreachableError:
+        got = f"{done} of {size} bytes" if size else f"{done} bytes"
+        return HubUnreachableError(
+            f"the download of {url} was stopped: {what} ({got}, {cuts} cut(s), {time.monotonic() - started:.1f} s). "
+            f"Limits: {s.download_timeout:g} s of silence (HF_HUB_DOWNLOAD_TIMEOUT), {s.download_retries} "
+            f"resumption(s) after a cut ({RETRIES_ENV}), {s.download_deadline:g} s in all ({DEADLINE_ENV}); "
+            "raise them for a slow link. Nothing was kept."
+        )
+
+    with open(dest, "wb") as out:
+        while True:
+            request_headers = {**base, "Range": f"bytes={done}-"} if done else base
+            try:
+                with requests.get(
+                    url, headers=request_headers, stream=True, timeout=(s.timeout, s.download_timeout)
+                ) as response:
+                    answered = True
+                    if response.status_code >= 500:
+                        raise _Cut(f"HTTP {response.status_code}")
+                    if response.status_code >= 400:
+                        raise WeightsDownloadError(f"cannot download {url}: the server answered HTTP {response.status_code}")
+                    if done and response.status_code != 206:  # Range ignored: the whole file comes again
+                        out.seek(0)
+                        out.truncate()
+                        digest, done = hashlib.sha256(), 0
+                    if size is None and response.status_code == 200 and response.headers.get("Content-Length", "").isdigit():
+                        size = int(response.headers["Content-Length"])
+                    read = getattr(response.raw, "read1", response.raw.read)
+                    while chunk := read(_READ):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        done += len(chunk)
+                        if time.monotonic() > deadline:
+                            raise stopped(f"the deadline of {s.download_deadline:g} s passed")
+                if size is None or done == size:
+                    return digest.hexdigest()
+                if done > size:
+                    raise WeightsDownloadError(f"cannot download {url}: the server sent more than the {size} bytes it announced")
+                raise _Cut("the server closed the connection early")
+            except (requests.Timeout, urllib3.exceptions.TimeoutError) as error:
+                raise stopped(f"the server went silent ({type(error).__name__})") from None
+            except (_Cut, requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
+                if isinstance(error, HubUnreachableError | WeightsDownloadError):
+                    raise
+                if not answered:
+                    raise HubUnreachableError(
+                        f"could not reach {url} (timeout {s.timeout:g} s): {_reason(error)}."
+                    ) from None
+                cuts += 1
+                if cuts > s.download_retries:
+                    raise stopped(f"the connection was cut too often, last: {_reason(error)}") from None
+                if time.monotonic() > deadline:
+                    raise stopped(f"the deadline of {s.download_deadline:g} s passed") from None
+                log.warning("the download of %s was cut after %d bytes (%s); resuming", url, done, _reason(error))
 
 
 def _reason(error: BaseException) -> str:
@@ -771,28 +1007,26 @@ def _unreachable(f: HubFile, s: Settings, url: str, reason: str, expected: str |
     ) from None
 
 
-def _not_served(f: HubFile, url: str, error: BaseException) -> WeightsDownloadError:
-    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
-    if isinstance(error, GatedRepoError):
+def _not_served(f: HubFile, url: str, refused: _Refused) -> WeightsDownloadError:
+    """The Hub's refusal in words, from its X-Error-Code (the header huggingface_hub maps to its error classes)."""
+    if refused.code == "GatedRepo":
         what = f"{f.repo_id} is gated: accept its conditions on the Hub and set HF_TOKEN"
-    elif isinstance(error, RepositoryNotFoundError):
+    elif refused.code == "RepoNotFound":
         what = f"repo {f.repo_id} was not found (or is private: set HF_TOKEN)"
-    elif isinstance(error, RevisionNotFoundError):
+    elif refused.code == "RevisionNotFound":
         what = f"revision {f.revision!r} does not exist in {f.repo_id}"
-    elif isinstance(error, EntryNotFoundError):
+    elif refused.code == "EntryNotFound":
         what = f"{f.filename} does not exist in {f.repo_id}@{f.revision}"
     else:
-        status = getattr(getattr(error, "response", None), "status_code", None)
-        hint = "; check HF_TOKEN" if status in (401, 403) else ""
-        what = f"the server refused it (HTTP {status}){hint}"
+        hint = "; check HF_TOKEN" if refused.status in (401, 403) else ""
+        what = f"the server refused it (HTTP {refused.status}){hint}"
     return WeightsDownloadError(f"cannot download {url}: {what}")
 
 
 def _from_hf_cache(f: HubFile, s: Settings) -> str | None:
     """The cached copy of a Hub file at its revision, without any network call; None if there is none."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.utils import LocalEntryNotFoundError
 
     try:
         return hf_hub_download(f.repo_id, f.filename, revision=f.revision, cache_dir=s.hub_cache, local_files_only=True)
@@ -840,7 +1074,7 @@ def _purge_hf_file(pointer: Path, s: Settings) -> list[Path]:
 
 
 def _fetch_url(url: str, s: Settings, expected: str) -> Fetched:
-    """A manifest mirror outside the Hub: streamed with requests, hashed on the fly, renamed into place once verified."""
+    """A manifest mirror outside the Hub: downloaded by ``_download``, renamed into place once verified."""
     name = os.path.basename(urlsplit(url).path) or "weights"
     final = s.cache / "downloads" / expected / name
     if final.is_file():
@@ -852,28 +1086,13 @@ def _fetch_url(url: str, s: Settings, expected: str) -> Fetched:
     if s.offline:
         raise HubUnreachableError(f"{url} is not in the cache {final.parent}, and offline mode is on.")
 
-    import requests
-
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{name}.{uuid.uuid4().hex[:8]}.incomplete")
-    digest = hashlib.sha256()
     try:
-        with requests.get(url, stream=True, timeout=(s.timeout, s.download_timeout)) as response:
-            response.raise_for_status()
-            with open(tmp, "wb") as out:
-                for chunk in response.iter_content(_CHUNK):
-                    out.write(chunk)
-                    digest.update(chunk)
-        actual = digest.hexdigest()
+        actual = _download(url, tmp, s)
         if actual != expected:
             raise _mismatch(f"{name} from {url}", expected, actual, (), "The mirror serves other bytes; check it.")
         os.replace(tmp, final)
-    except (requests.ConnectionError, requests.Timeout) as error:
-        raise HubUnreachableError(f"could not reach {url} (timeout {s.timeout:g} s): {error}.") from None
-    except requests.HTTPError as error:
-        raise WeightsDownloadError(f"cannot download {url}: {error}") from None
-    except requests.RequestException as error:
-        raise WeightsDownloadError(f"the download of {url} failed: {error}; nothing was kept, retry") from None
     finally:
         tmp.unlink(missing_ok=True)
     return Fetched(final, actual, url)

@@ -324,7 +324,9 @@ def load_pretrained(
     head = None if not any(k.startswith(HEAD_PREFIXES) for k in model.state_dict()) else (
         "pretrained" if any(k.startswith(HEAD_PREFIXES) for k in state) else "new")
     arch = architecture_of(model.block, model.layers)
+    prep = Preprocess.from_dict(PAPER_PREPROCESS if preprocess is None else preprocess).to_dict()
     model.pretrained_cfg = {
+        **model.data_cfg(prep.get("size")),
         "name": arch,
         "architecture": arch,
         "tag": None,
@@ -337,7 +339,7 @@ def load_pretrained(
         "format": "safetensors",
         "license": None,
         "source": None,
-        "preprocess": Preprocess.from_dict(PAPER_PREPROCESS if preprocess is None else preprocess).to_dict(),
+        "preprocess": prep,
         "shortcut": model.shortcut,
         "weights_in_chans": int(conv1.shape[1]) if conv1 is not None else None,
         "in_chans": model.in_chans,

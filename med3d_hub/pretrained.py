@@ -389,4 +389,4 @@ def _cfg(arch: str, request: _Request, entry: WeightsEntry | None, loaded: _Load
         in_chans=model.in_chans,
         head=head,
     )
-    return cfg
+    return {**model.data_cfg((cfg.get("preprocess") or {}).get("size")), **cfg}

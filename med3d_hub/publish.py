@@ -195,7 +195,7 @@ def publish(
             )
         echo(f"  uploading to {repo_id} on {s.endpoint} ({'private' if private or getattr(info, 'private', False) else 'public'} repo, one commit)")
         commit, commit_url = _upload(api, repo_id, exported, private, revision_message or f"Publish {name} with med3d-hub",
-                                     manifest, secret)
+                                     manifest, secret, exists=info is not None)
         echo(f"  commit {commit}")
         _check_remote_sha(api, repo_id, commit, exported, manifest, secret)
 
@@ -271,8 +271,7 @@ def _api(s: hub.Settings):
 
 def _reach(api, repo_id: str, s: hub.Settings, manifest: Path, secret: str | None):
     """The repo's info (None if it does not exist yet); a bounded request that fails fast on a dead Hub."""
-    import httpx2
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
+    from huggingface_hub.utils import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
 
     nothing = f"nothing was uploaded and {manifest.name} was not changed"
     try:
@@ -291,7 +290,7 @@ def _reach(api, repo_id: str, s: hub.Settings, manifest: Path, secret: str | Non
         raise PublishError(_scrub(f"the Hub at {s.endpoint} refused {repo_id}: {error}; {nothing}", secret)) from None
     except OfflineModeIsEnabled:
         raise hub.HubUnreachableError(f"offline mode is on (HF_HUB_OFFLINE); {nothing}") from None
-    except (httpx2.TransportError, OSError) as error:
+    except hub.transport_errors() as error:
         raise hub.HubUnreachableError(
             f"could not reach the Hub at {s.endpoint} (timeout {s.timeout:g} s): {type(error).__name__}: {error}; {nothing}. "
             "Check HF_ENDPOINT and the network"
@@ -306,15 +305,19 @@ _XET_HINT = (
 
 
 def _upload(api, repo_id: str, exported: Exported, private: bool, message: str, manifest: Path,
-            secret: str | None) -> tuple[str, str]:
-    """create_repo + one create_commit with every exported file; returns (commit sha, commit URL)."""
-    import httpx2
+            secret: str | None, *, exists: bool) -> tuple[str, str]:
+    """create_repo (for a new repo) + one create_commit with every exported file; returns (commit sha, commit URL).
+
+    An existing repo is not created again: huggingface_hub 0.x reads the answer to that call against
+    the endpoint of import time, and fails for any other.
+    """
     from huggingface_hub import CommitOperationAdd
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import HfHubHTTPError
 
     unchanged = f"{manifest.name} was not changed"
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        if not exists:
+            api.create_repo(repo_id, private=private, exist_ok=True)
         operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(exported.folder / f)) for f in exported.files]
         info = api.create_commit(repo_id, operations, commit_message=message,
                                  commit_description=f"sha256 of {model_files.WEIGHTS_NAME}: {exported.sha256}")
@@ -322,7 +325,7 @@ def _upload(api, repo_id: str, exported: Exported, private: bool, message: str, 
         status = error.response.status_code if error.response is not None else None
         hint = "; check that the token may write to this repo (HF_TOKEN, `hf auth login`)" if status in (401, 403) else ""
         raise PublishError(_scrub(f"the upload to {repo_id} failed: {error}{hint}; {unchanged}", secret)) from None
-    except (httpx2.TransportError, OSError) as error:
+    except hub.transport_errors() as error:
         if "xet" in str(error).lower():
             raise PublishError(f"{_XET_HINT}. Nothing was committed; {unchanged}") from None
         raise hub.HubUnreachableError(
@@ -334,7 +337,7 @@ def _upload(api, repo_id: str, exported: Exported, private: bool, message: str, 
 
 def _check_remote_sha(api, repo_id: str, commit: str, exported: Exported, manifest: Path, secret: str | None) -> None:
     """The Hub must hold our bytes at the commit: its LFS sha256 and size of the weights equal ours."""
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import HfHubHTTPError
 
     try:
         found = api.get_paths_info(repo_id, [model_files.WEIGHTS_NAME], revision=commit)

@@ -64,9 +64,7 @@ def create_model(name: str, pretrained: bool | str = False, **kwargs: Any) -> nn
     """
     arch, tag = split_name(name)
     if pretrained is False or pretrained is None:
-        model = build_model(arch, **kwargs)
-        model.pretrained_cfg = None
-        return model
+        return build_model(arch, **kwargs)  # its pretrained_cfg holds timm's data keys and no weights (no sha256)
     from .pretrained import create_pretrained  # the Hub layer loads only when weights are asked for
 
     return create_pretrained(arch, tag, pretrained, **kwargs)

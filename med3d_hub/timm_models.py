@@ -1,6 +1,6 @@
 """The Med3D ResNets in timm's registry, as ``med3d_resnet{depth}[.tag]``.
 
-    import med3d_hub.timm_models  # registers the models (timm itself takes about a second to import)
+    import med3d_hub  # registers the models with timm, whether timm is imported before or after
     import timm
     model = timm.create_model("med3d_resnet50.3dseg8", pretrained=True, num_classes=2)
     timm.list_pretrained("med3d_*")
@@ -18,7 +18,7 @@ from typing import Any
 from timm.models import generate_default_cfgs, register_model
 
 from .manifest import load_entries
-from .models.resnet import ARCHITECTURES
+from .models.resnet import ARCHITECTURES, MEDICALNET_INPUT_SIZE
 from .registry import create_model
 
 __all__: list[str] = []  # timm's register_model appends each model name
@@ -37,9 +37,11 @@ def _timm_cfg(entry) -> dict:
         "paper_ids": "arXiv:1904.00625",
         "origin_url": entry.source.get("code"),
         "num_classes": 0,
-        "input_size": (entry.in_chans, *size) if size else (entry.in_chans, 56, 448, 448),
-        "mean": (0.0,),
-        "std": (1.0,),
+        "input_size": (entry.in_chans, *(size or MEDICALNET_INPUT_SIZE)),
+        "mean": (0.0,) * entry.in_chans,
+        "std": (1.0,) * entry.in_chans,
+        "interpolation": "trilinear",
+        "crop_pct": 1.0,
         "first_conv": "conv1",
         "classifier": "fc",
     }
@@ -58,11 +60,14 @@ def _entrypoint(arch: str):
     def entrypoint(pretrained: bool = False, pretrained_cfg: Any = None, pretrained_cfg_overlay: Any = None, **kwargs: Any):
         tag = _tag(pretrained_cfg)
         kwargs.pop("pretrained_strict", None)  # loading is always strict here
+        kwargs.pop("pretrained_model_args", None)  # timm's copy of arguments it already passed
         cache_dir = kwargs.pop("cache_dir", None)  # timm always passes it; it matters only with weights
         if pretrained and cache_dir is not None:
             kwargs["cache_dir"] = cache_dir
+        # pretrained_cfg_overlay=dict(file=...): these weights instead of the manifest's
+        file = (pretrained_cfg_overlay or {}).get("file")
         name = f"{arch}.{tag}" if tag else arch
-        return create_model(name, pretrained=pretrained, **kwargs)
+        return create_model(name, pretrained=file if pretrained and file else pretrained, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = PREFIX + arch
     entrypoint.__module__ = __name__

@@ -122,6 +122,7 @@ def test_features_rows_order_and_a_broken_file(files, plain_model, tmp_path):
     np.testing.assert_allclose(np.array([r[1:] for r in rows[1:]], dtype=np.float32)[::-1], feats, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.hub
 def test_download_fills_the_cache_for_offline_features(files, hub, plain_model, tmp_path):
     server, manifest = hub
     env = med3d_env(tmp_path, HF_ENDPOINT=server.endpoint, MED3D_HUB_MANIFEST=str(manifest))

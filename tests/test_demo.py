@@ -91,6 +91,7 @@ def test_read_the_real_cranium_ct():
 # -- the demo end to end --------------------------------------------------------------------------
 
 
+@pytest.mark.hub
 def test_demo_through_the_test_hub(tmp_path, inv3):
     """Default weights from a Hub (the test server via HF_ENDPOINT) named by a private manifest."""
     data = medicalnet_pth(tmp_path / "resnet_10.pth").read_bytes()
@@ -139,6 +140,7 @@ def test_demo_with_random_weights_says_so(tmp_path, capsys, monkeypatch, inv3):
     assert_png(tmp_path / "o" / "head_resnet10.png")
 
 
+@pytest.mark.hub
 def test_demo_without_a_hub_names_the_ways_out(tmp_path):
     start = time.monotonic()
     run = run_med3d("demo", "--out-dir", tmp_path / "o", env=med3d_env(tmp_path), timeout=120)

@@ -18,6 +18,8 @@ import med3d_hub
 from med3d_hub.checkpoints import CheckpointMismatchError
 from med3d_hub.models import Med3DResNet, Med3DResNetFeatures
 
+pytestmark = pytest.mark.hub  # runs once per huggingface_hub generation (.ci/compat.sh)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

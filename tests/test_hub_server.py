@@ -13,9 +13,12 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import httpx2
 import pytest
-from huggingface_hub import (
+
+# These tests check the server against huggingface_hub 2.x and its transport; .ci/compat.sh runs
+# the package's own Hub tests on the older generations.
+httpx2 = pytest.importorskip("httpx2", reason="huggingface_hub 2.x's transport is not installed")
+from huggingface_hub import (  # noqa: E402
     CommitOperationAdd,
     HfApi,
     get_hf_file_metadata,

@@ -32,6 +32,8 @@ import med3d_hub
 from med3d_hub import hub, manifest
 from med3d_hub.checkpoints import CheckpointMismatchError
 
+pytestmark = pytest.mark.hub  # runs once per huggingface_hub generation (.ci/compat.sh)
+
 REPO = "med3d-test/MedicalNet-Resnet10"
 FILE = "resnet_10.pth"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -276,6 +278,20 @@ def test_offline_after_caching(hosted, data, hf_cache, monkeypatch):
     assert_backbone_equal(med3d_hub.create_model("resnet10", pretrained=True, local_files_only=True), data)
 
 
+def test_hf_reference_converted_from_a_local_copy_loads_offline(env, data, tmp_path, monkeypatch):
+    """The same bytes loaded first from a path: the hf:// load is then satisfied from the converted
+    cache without a download, and must still work offline afterwards."""
+    env.add_file("someone/else", "r10.pth", data)
+    local = tmp_path / "r10.pth"
+    local.write_bytes(data)
+    med3d_hub.create_model("resnet10", pretrained=str(local), num_classes=0)
+    med3d_hub.create_model("resnet10", pretrained="hf://someone/else/r10.pth", num_classes=0)
+    assert gets(env, "r10.pth") == 0
+    env.stop()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert_backbone_equal(med3d_hub.create_model("resnet10", pretrained="hf://someone/else/r10.pth", num_classes=0), data)
+
+
 def test_offline_without_a_cached_copy_says_so(hosted, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(hub.HubUnreachableError, match="offline mode is on"):
@@ -515,4 +531,6 @@ def test_timm_registry_builds_through_our_loader(hosted, data):
     backbone = state_dict_of(data)
     assert torch.equal(model.layer4[0].conv2.weight, backbone["layer4.0.conv2.weight"])
     assert timm.create_model("med3d_resnet10", pretrained=True).pretrained_cfg["name"] == "resnet10.test"
-    assert timm.create_model("med3d_resnet18", num_classes=0).pretrained_cfg is None
+    random = timm.create_model("med3d_resnet18", num_classes=0)
+    assert "sha256" not in random.pretrained_cfg and random.pretrained_cfg["input_size"] == [1, 56, 448, 448]
+    assert model.pretrained_cfg["input_size"][0] == 2 and model.pretrained_cfg["num_classes"] == 3

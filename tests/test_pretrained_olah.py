@@ -15,6 +15,8 @@ from medicalnet_files import entry, files_with_content, medicalnet_bytes, sha256
 import med3d_hub
 from med3d_hub import hub, manifest
 
+pytestmark = pytest.mark.hub  # runs once per huggingface_hub generation (.ci/compat.sh)
+
 REPO = "med3d-olah/MedicalNet-Resnet10"
 
 

@@ -34,7 +34,10 @@ from med3d_hub.export import RunError, export, read_run  # noqa: E402
 from med3d_hub.publish import fixed_input, publish  # noqa: E402
 
 # huggingface_hub itself PUTs LFS bytes with httpx2's deprecated data=<file>.
-pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
+pytestmark = [
+    pytest.mark.hub,  # runs once per huggingface_hub generation (.ci/compat.sh)
+    pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning"),
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO = "med3d-test/resnet10-cotrain"
@@ -392,3 +395,14 @@ def test_a_model_object_is_checked_like_a_folder_before_the_hub_is_asked(hf_cach
     with pytest.raises(ValueError, match=r"fc.weight \(1 of 2048\)"):
         publish(model, repo_id=REPO, tag="obj", manifest=target, license="mit")
     assert not target.exists()
+
+
+def test_medicalnet_pth_of_a_strided_model_is_refused_and_its_card_says_stride_32(tmp_path):
+    model = med3d_hub.create_model("resnet10", num_classes=0, dilated=False)
+    model.save_pretrained(tmp_path / "strided")
+    run = read_run(tmp_path / "strided", datasets=["Synth"])
+    with pytest.raises(RunError, match="--medicalnet-pth needs a dilated model"):
+        export(run, tmp_path / "with_pth", license="MIT", medicalnet_pth=True)
+    assert not (tmp_path / "with_pth").exists()
+    card = (export(run, tmp_path / "plain", license="MIT").folder / "README.md").read_text()
+    assert "output stride 32" in card and "output stride 8" not in card

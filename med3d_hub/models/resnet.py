@@ -12,6 +12,7 @@ This module builds networks. The classes also carry huggingface_hub's `PyTorchMo
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -39,6 +40,9 @@ DILATED_LAYOUT = ((1, 1), (2, 1), (1, 2), (1, 4))
 STRIDED_LAYOUT = ((1, 1), (2, 1), (2, 1), (2, 1))
 
 DEFAULT_NUM_CLASSES = 2
+# D, H, W of MedicalNet's training crops (the defaults of its settings): the input size timm reports
+# for weights whose preprocessing fixes no size.
+MEDICALNET_INPUT_SIZE = (56, 448, 448)
 
 
 def conv3x3x3(in_planes: int, out_planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv3d:
@@ -158,13 +162,17 @@ def _check_choice(name: str, value, allowed) -> None:
         raise ValueError(f"{name}={value!r} is not supported; expected one of {sorted(allowed)}")
 
 
-class Med3DResNet(
-    nn.Module,
-    PyTorchModelHubMixin,
-    library_name="med3d-hub",
-    tags=["medical-imaging", "3d", "med3d", "resnet"],
-    paper_url="https://arxiv.org/abs/1904.00625",
-):
+# Model-card fields for PyTorchModelHubMixin. huggingface_hub gained them over its versions (paper_url
+# in 0.31), so only those the installed one accepts are passed.
+_HUB_CARD = {
+    "library_name": "med3d-hub",
+    "tags": ["medical-imaging", "3d", "med3d", "resnet"],
+    "paper_url": "https://arxiv.org/abs/1904.00625",
+}
+_HUB_CARD = {k: v for k, v in _HUB_CARD.items() if k in inspect.signature(PyTorchModelHubMixin.__init_subclass__).parameters}
+
+
+class Med3DResNet(nn.Module, PyTorchModelHubMixin, **_HUB_CARD):
     """A Med3D 3D ResNet with an optional classification or segmentation head.
 
     ``model.save_pretrained(folder)`` writes ``model.safetensors`` and a ``config.json`` of the
@@ -236,7 +244,7 @@ class Med3DResNet(
         total_blocks = sum(layers)
         drop_rates = [drop_path_rate * i / max(total_blocks - 1, 1) for i in range(total_blocks)]
         in_planes, reduction, block_index = 64, 4, 0
-        self.feature_info = FeatureInfo([{"num_chs": 64, "reduction": 2, "module": "act1"}])
+        self.feature_info = FeatureInfo([{"num_chs": 64, "reduction": 2, "module": "relu"}])
         for stage, (planes, blocks, (stride, dilation)) in enumerate(zip(STAGE_PLANES, layers, layout), 1):
             out_planes = planes * block_cls.expansion
             downsample = None
@@ -270,6 +278,7 @@ class Med3DResNet(
         self.drop_path_rate = drop_path_rate
         self._set_classifier(num_classes)
         self._init_weights()
+        self.pretrained_cfg = self.data_cfg()  # random weights; loaders replace it with the weights' provenance
 
     # -- construction -------------------------------------------------------------------------
     def _set_classifier(self, num_classes: int) -> None:
@@ -293,7 +302,9 @@ class Med3DResNet(
 
     @classmethod
     def _from_pretrained(cls, *, model_id, revision, cache_dir, force_download, local_files_only, token,
-                         map_location="cpu", strict: bool = True, config=None, **model_kwargs):
+                         map_location="cpu", strict: bool = True, config=None, proxies=None, resume_download=None,
+                         **model_kwargs):
+        # proxies and resume_download: what huggingface_hub 0.x passes too; they do not change what is loaded
         from ..model_files import load_pretrained
 
         return load_pretrained(
@@ -303,13 +314,50 @@ class Med3DResNet(
         )
 
     # -- timm-like surface ----------------------------------------------------------------------
+    def data_cfg(self, size: Sequence[int] | None = None) -> dict:
+        """timm's keys of ``pretrained_cfg``, in 3D: what ``timm.data.resolve_model_data_config`` reads.
+
+        ``input_size`` is (C, D, H, W): ``size`` (the weights' preprocessing size, D, H, W) or
+        MedicalNet's training crop. ``mean``/``std`` are 0/1 per channel because the preprocessing
+        z-scores each volume by its own intensities (``pretrained_cfg["preprocess"]``), not by
+        dataset statistics: the network sees zero-mean, unit-variance input.
+        """
+        return {
+            "input_size": [self.in_chans, *(size or MEDICALNET_INPUT_SIZE)],  # lists: pretrained_cfg is JSON-ready
+            "mean": [0.0] * self.in_chans,
+            "std": [1.0] * self.in_chans,
+            "interpolation": "trilinear",
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "num_classes": self.seg_classes if self.seg_classes is not None else self.num_classes,
+            "first_conv": "conv1",
+            "classifier": "conv_seg.conv" if self.seg_classes is not None else "fc",
+        }
+
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name for ``pretrained_cfg``."""
+        return self.pretrained_cfg
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for timm's layer-wise learning-rate decay: the stem, then each stage (or block)."""
+        return {"stem": r"^conv1|^bn1", "blocks": r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)"}
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
     def get_classifier(self) -> nn.Module:
         return self.fc if self.num_classes > 0 else nn.Identity()
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the linear head with a freshly initialised one (0 removes it)."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the linear head with a freshly initialised one (0 removes it).
+
+        ``global_pool`` is timm's argument; the pooling here is always the average ("avg").
+        """
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool={global_pool!r} is not supported: Med3D ResNets pool by the average ('avg')")
         device = self.conv1.weight.device
         self._set_classifier(num_classes)
         if num_classes > 0:
@@ -364,6 +412,37 @@ class Med3DResNet(
                 if stage in indices:
                     kept[stage] = x
         return [kept[i] for i in indices]
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCDHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's intermediate-features call: maps 0 (stem) to 4 (layer4), as ``feature_info`` lists them.
+
+        ``indices``: the last n maps (an int) or their positions (negative counts from the end);
+        None takes all five. Returns the maps, or (the layer4 map, the maps) without ``intermediates_only``.
+        """
+        if output_fmt not in ("NCDHW", "NCHW"):
+            raise ValueError(f"output_fmt={output_fmt!r} is not supported: the maps are N x C x D x H x W")
+        count = 5
+        if indices is None:
+            chosen = list(range(count))
+        elif isinstance(indices, int):
+            chosen = list(range(count - indices, count))
+        else:
+            chosen = [i % count if -count <= i < count else i for i in indices]
+        if any(not 0 <= i < count for i in chosen):
+            raise ValueError(f"indices {indices!r} are out of range: there are {count} maps (0 = stem, 1-4 = layer1-4)")
+        wanted = tuple(sorted(set(chosen)))
+        last = max(wanted) if intermediates_only or stop_early else 4
+        maps = dict(zip(sorted(set(wanted) | {last}), self.stage_outputs(x, tuple(sorted(set(wanted) | {last})))))
+        intermediates = [maps[i] for i in chosen]
+        return intermediates if intermediates_only else (maps[last], intermediates)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Global average pool + linear head; `pre_logits=True` returns the pooled embedding."""

@@ -1,0 +1,100 @@
+"""timm's own tools on Med3D models, random and pretrained: data config, layer decay, feature hooks,
+intermediate features, head reset, checkpoint_path, pretrained_cfg_overlay, and registration."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+from safetensors.torch import save_file  # noqa: E402
+from timm.data import resolve_model_data_config  # noqa: E402
+from timm.models import FeatureHooks, load_checkpoint  # noqa: E402
+from timm.optim import create_optimizer_v2  # noqa: E402
+
+import med3d_hub  # noqa: E402  (registers the med3d_ models with timm)
+
+X = torch.randn(1, 1, 16, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    """resnet18 weights in a file, as a fine-tuned or downloaded model would be."""
+    torch.manual_seed(0)
+    source = med3d_hub.create_model("resnet18", num_classes=0)
+    path = tmp_path_factory.mktemp("weights") / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    return path, source.state_dict()
+
+
+@pytest.fixture(params=["random", "pretrained"])
+def model(request, weights_file, hf_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("MED3D_HUB_CACHE", str(tmp_path / "cache"))
+    if request.param == "random":
+        return timm.create_model("med3d_resnet18", num_classes=3)
+    path, state = weights_file
+    loaded = timm.create_model("med3d_resnet18", pretrained=True, num_classes=3, pretrained_cfg_overlay={"file": str(path)})
+    assert torch.equal(loaded.layer3[1].conv2.weight, state["layer3.1.conv2.weight"]), "the overlay's file was not loaded"
+    assert loaded.pretrained_cfg["file"] == str(path.resolve())
+    return loaded
+
+
+def test_resolve_model_data_config_is_3d(model):
+    config = resolve_model_data_config(model)
+    assert list(config["input_size"]) == [1, 56, 448, 448]
+    assert list(config["mean"]) == [0.0] and list(config["std"]) == [1.0]
+    assert model.pretrained_cfg["first_conv"] == "conv1" and model.pretrained_cfg["classifier"] == "fc"
+    assert model.pretrained_cfg["num_classes"] == 3 and model.default_cfg is model.pretrained_cfg
+
+
+def test_layer_decay_scales_each_stage(model):
+    optimizer = create_optimizer_v2(model, "sgd", lr=1.0, layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    stem, first, last, head = (scale[id(p)] for p in
+                               (model.conv1.weight, model.layer1[0].conv1.weight, model.layer4[1].conv2.weight, model.fc.weight))
+    assert stem < first < last < head == 1.0
+    assert len({round(s, 6) for s in scale.values()}) == 10  # stem, 8 blocks, head
+
+
+def test_feature_hooks_on_feature_info(model):
+    names = model.feature_info.module_name()
+    hooks = FeatureHooks([{"module": n} for n in names], model.named_modules())
+    model.eval()
+    with torch.no_grad():
+        model(X)
+        hooked = hooks.get_output(X.device)
+        _, maps = model.forward_intermediates(X)
+    assert list(hooked) == names == ["relu", "layer1", "layer2", "layer3", "layer4"]
+    assert [m.shape[1] for m in maps] == model.feature_info.channels()
+    for got, expected in zip(hooked.values(), maps):
+        torch.testing.assert_close(got, expected)
+
+
+def test_forward_intermediates_and_reset_classifier(model):
+    model.eval()
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(X, indices=2)
+        only = model.forward_intermediates(X, indices=[0, -1], intermediates_only=True)
+        torch.testing.assert_close(final, model.forward_features(X))
+        assert len(maps) == 2 and maps[-1].shape == final.shape and len(only) == 2
+        model.reset_classifier(5, "avg")
+        assert model(X).shape == (1, 5)
+    with pytest.raises(ValueError, match="global_pool"):
+        model.reset_classifier(5, "max")
+
+
+def test_checkpoint_path_loads_through_timm(weights_file):
+    path, state = weights_file
+    model = timm.create_model("med3d_resnet18", num_classes=0, checkpoint_path=str(path))
+    assert torch.equal(model.layer2[0].conv1.weight, state["layer2.0.conv1.weight"])
+    load_checkpoint(model, str(path))
+
+
+def test_importing_med3d_hub_before_timm_registers_the_models():
+    code = "import med3d_hub, timm; print(type(timm.create_model('med3d_resnet10', num_classes=0)).__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "Med3DResNet"
