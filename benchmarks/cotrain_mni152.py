@@ -31,12 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from med3d_hub.train.metrics import read_metrics
-from med3d_hub.train.synthetic import write_case, write_dataset_json
+from med3d_hub.training.metrics import read_metrics
+from med3d_hub.training.synthetic import write_case, write_dataset_json
 
 
 def _dhw(image) -> np.ndarray:
-    """nilearn's (x, y, z) RAS array -> (D, H, W) = (z, y, x), as med3d_hub.io reads it."""
+    """nilearn's (x, y, z) RAS array -> (D, H, W) = (z, y, x), as med3d_hub.data.io reads it."""
     return np.ascontiguousarray(np.asarray(image.dataobj, dtype=np.float32).transpose(2, 1, 0))
 
 

@@ -135,7 +135,7 @@ class Check:
 
     # -- data ----------------------------------------------------------------------------------------------------
     def tasks(self) -> list[Path]:
-        from med3d_hub.train.synthetic import make_synthetic_task
+        from med3d_hub.training.synthetic import make_synthetic_task
 
         s = self.sizes
         root = self.work / "msd"
@@ -197,7 +197,7 @@ class Check:
             except metadata.PackageNotFoundError:
                 info[name] = None
         missing = [n for n in ("monai", "nibabel", "PyYAML") if info[n] is None]
-        code = "import med3d_hub, med3d_hub.train.engine, med3d_hub.finetune.job, med3d_hub.features; print(med3d_hub.__version__)"
+        code = "import med3d_hub, med3d_hub.training.engine, med3d_hub.training.finetune, med3d_hub.inference.features; print(med3d_hub.__version__)"
         self.run([sys.executable, "-c", code], timeout=60)
         self.log(json.dumps(info))
         if missing:
@@ -214,7 +214,7 @@ class Check:
         return {"pytest": result}
 
     def cotrain_resume(self) -> dict:
-        from med3d_hub.train.metrics import read_metrics
+        from med3d_hub.training.metrics import read_metrics
 
         s = self.sizes
         out = self.work / "cotrain"
@@ -256,7 +256,7 @@ class Check:
                 "samples_per_s_median": sorted(rates)[len(rates) // 2] if rates else None}
 
     def cotrain_2proc(self) -> dict:
-        from med3d_hub.train.metrics import read_metrics
+        from med3d_hub.training.metrics import read_metrics
 
         s = self.sizes
         steps = max(4, s["steps"] // 3)
@@ -280,7 +280,7 @@ class Check:
         raise StepFailed(f"no backend ran 2 processes: {tried}")
 
     def finetune(self, kind: str) -> dict:
-        from med3d_hub.train.metrics import read_metrics
+        from med3d_hub.training.metrics import read_metrics
 
         s = self.sizes
         out = self.work / f"finetune_{kind}"
@@ -294,7 +294,7 @@ class Check:
         if kind == "seg":
             data = ["--data", str(self.tasks()[1]), "--set", "val_fraction=0.34"]
         else:
-            from med3d_hub.finetune.synthetic import make_synthetic_classification
+            from med3d_hub.training.synthetic_classification import make_synthetic_classification
 
             csv = make_synthetic_classification(self.work / "cls", num_cases=8, shape=tuple(s["finetune_crop"]), split=True)
             data = ["--csv", str(csv)]

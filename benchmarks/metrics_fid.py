@@ -1,4 +1,4 @@
-"""How long ``med3d_hub.metrics.fid`` takes on two sets of 10,000 x 2048 features (resnet50's width).
+"""How long ``med3d_hub.inference.metrics.fid`` takes on two sets of 10,000 x 2048 features (resnet50's width).
 
     nice -n 10 python benchmarks/metrics_fid.py [--n 10000] [--dim 2048] [--repeats 3]
 
@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from med3d_hub import metrics
+from med3d_hub.inference import metrics
 
 
 def best_of(repeats: int, fn) -> tuple[float, float, object]:

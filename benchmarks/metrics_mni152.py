@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from med3d_hub import cli
+from med3d_hub.cli import app as cli
 from med3d_hub.feature_scores import features_of_scans
-from med3d_hub.features import save_features
-from med3d_hub.registry import create_model
+from med3d_hub.inference.features import save_features
+from med3d_hub.weights.factory import create_model
 
 HERE = Path(__file__).resolve().parent
 NOISE = (0.05, 0.1, 0.2, 0.4)  # x the head's intensity std
@@ -116,8 +116,8 @@ def main() -> None:
     reference = features("real", real)
     files = {key: features(f"{key[0]}-{key[1]:g}", volumes) for key, volumes in sets.items()}
 
-    from med3d_hub import metrics
-    from med3d_hub.features import load_features
+    from med3d_hub.inference import metrics
+    from med3d_hub.inference.features import load_features
 
     bandwidth = metrics.median_bandwidth(load_features(reference).features, load_features(files[("clean", 0.0)]).features)
     rows, command = [], None

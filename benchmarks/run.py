@@ -161,7 +161,7 @@ def _gpu_bf16() -> bool:
 
 
 def _native_bf16() -> bool:
-    from med3d_hub.features import _native_cpu_amp
+    from med3d_hub.inference.features import _native_cpu_amp
 
     import torch
 
@@ -308,7 +308,7 @@ def _forward_weights(arch: str, path: Path) -> None:
     from safetensors.torch import save_file
     from torch import nn
 
-    from med3d_hub.registry import build_model
+    from med3d_hub.weights.hub_model import build_model
 
     torch.manual_seed(0)
     model = build_model(arch, num_classes=0)
@@ -554,7 +554,7 @@ def section_features(runner: Runner, cfg: dict, args) -> dict:
 
 
 def section_train(runner: Runner, cfg: dict, args) -> dict:
-    from med3d_hub.train.synthetic import make_synthetic_task
+    from med3d_hub.training.synthetic import make_synthetic_task
 
     data = runner.work / "msd"
     folders = [make_synthetic_task(data, f"Synth{i + 1}", n, cfg["train_cases"], cfg["train_shape"], seed=i)

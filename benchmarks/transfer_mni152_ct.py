@@ -5,7 +5,7 @@
    ``benchmarks/cotrain_mni152.py`` with ``--cotrain-steps`` steps.
 2. **Fine-tune** with ``med3d finetune seg`` (``python -m med3d_hub.finetune seg``) on a different
    task, subject and modality: brain (intracranial) segmentation on the InVesalius head CT that
-   Debian's ``invesalius-examples`` ships (read with ``med3d_hub.demo.read_inv3``), with the same
+   Debian's ``invesalius-examples`` ships (read with ``med3d_hub.inference.demo.read_inv3``), with the same
    recipe and budget from the co-trained encoder and from scratch (``--pretrained none``), once per
    ``--seeds`` value (the seed of the fine-tuning: new layers, crops, augmentation). The arms
    alternate seed by seed, so a run cut short still has both arms.
@@ -82,8 +82,8 @@ def make_ct_case(hu: np.ndarray, label: np.ndarray, rng: np.random.Generator):
 
 
 def build_ct_task(work: Path, cases: int, seed: int) -> Path:
-    from med3d_hub.demo import read_inv3
-    from med3d_hub.train.synthetic import write_case, write_dataset_json
+    from med3d_hub.inference.demo import read_inv3
+    from med3d_hub.training.synthetic import write_case, write_dataset_json
 
     folder = work / "Task85_HeadCTBrain"
     if (folder / "dataset.json").is_file():
@@ -122,7 +122,7 @@ ARMS = {"pretrained": "from the co-trained encoder", "scratch": "from scratch"}
 
 def _curve(run: Path) -> dict[int, float]:
     """Validation dice_mean per step of a finished run."""
-    from med3d_hub.train.metrics import read_metrics
+    from med3d_hub.training.metrics import read_metrics
 
     return {r["step"]: r["dice_mean"] for r in read_metrics(run / "metrics.jsonl")
             if r.get("kind") == "val" and "dice_mean" in r}

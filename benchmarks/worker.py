@@ -96,7 +96,7 @@ def _without_init(build):
     """Build on the meta device with random init skipped (the weights are loaded next; not timed)."""
     import torch
 
-    from med3d_hub.pretrained import _SkipRandomInitOnMeta
+    from med3d_hub.weights.pretrained import _SkipRandomInitOnMeta
 
     with torch.device("meta"), _SkipRandomInitOnMeta():
         return build()
@@ -266,7 +266,8 @@ def job_features(job: dict) -> dict:
     start = time.perf_counter()
     import torch  # noqa: F401  (what `python -m med3d_hub features` imports before it starts working)
 
-    from med3d_hub import cli, features
+    from med3d_hub.cli import app as cli
+    from med3d_hub.inference import features
 
     import_s = time.perf_counter() - start
     threads = _setup_threads(job.get("threads"))
@@ -351,8 +352,8 @@ def job_loader(job: dict) -> dict:
     """The training's data loader alone: same config, dataset, sampler and workers; no model."""
     import torch
 
-    from med3d_hub.train.config import load_config
-    from med3d_hub.train.data import CropDataset, MicroBatchPlan, MicroBatchSampler, collate, prepare_tasks
+    from med3d_hub.training.config import load_config
+    from med3d_hub.training.data import CropDataset, MicroBatchPlan, MicroBatchSampler, collate, prepare_tasks
 
     threads = _setup_threads(job.get("threads"))
     cfg = load_config(job["config"])

@@ -7,7 +7,7 @@
 import sys
 from pathlib import Path
 
-from med3d_hub.manifest import render_into, shipped_entries, weights_table_markdown
+from med3d_hub.weights.manifest import render_into, shipped_entries, weights_table_markdown
 
 DOC = Path(__file__).with_name("pretrained.md")
 

@@ -6,10 +6,11 @@
 
 import sys
 
-from .io import read_volume
-from .manifest import add_manifest, list_pretrained
-from .preprocess import transforms_for
-from .registry import create_model, list_models
+from .data.io import read_volume
+from .data.preprocess import transforms_for
+from .networks.registry import list_models
+from .weights.factory import create_model
+from .weights.manifest import add_manifest, list_pretrained
 
 __version__ = "0.1.0"
 
@@ -26,7 +27,7 @@ __all__ = [
 ]
 
 # Loaded on first use, so that `import med3d_hub` stays light.
-_LAZY = {"extract_features": ".features", "optimize_for_inference": ".inference"}
+_LAZY = {"extract_features": ".inference.features", "optimize_for_inference": ".inference.optimize"}
 
 
 def __getattr__(name: str):

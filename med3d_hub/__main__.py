@@ -1,6 +1,6 @@
 """`python -m med3d_hub` runs the `med3d` command."""
 
-from .cli import main
+from .cli.app import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

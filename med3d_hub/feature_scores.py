@@ -5,7 +5,7 @@ preprocessing and input size. So every feature set carries a *provenance* (``fea
 ``med3d features`` writes it into its ``.npz``, two sets whose provenance differs are refused
 (``check_comparable``) unless forced, and the report (``score_sets``) states it beside the numbers.
 
-The math lives in ``med3d_hub.metrics``; reading and the network in ``med3d_hub.features``.
+The math lives in ``med3d_hub.inference.metrics``; reading and the network in ``med3d_hub.inference.features``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from . import __version__, metrics
-from .features import FeatureExtractionError, iter_features, load_features
-from .preprocess import Preprocess
+from . import __version__
+from .data.preprocess import Preprocess
+from .inference import metrics
+from .inference.features import FeatureExtractionError, iter_features, load_features
 
 __all__ = [
     "FeatureSet",
@@ -83,7 +84,7 @@ def feature_provenance(model: nn.Module, preprocess: Preprocess, *, volumes: int
     cfg = getattr(model, "pretrained_cfg", None)
     arch = cfg.get("architecture") if cfg else None
     if not arch:
-        from .model_files import architecture_of
+        from .weights.model_files import architecture_of
 
         arch = architecture_of(model.block, model.layers) or type(model).__name__
     if cfg:

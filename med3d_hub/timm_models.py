@@ -17,9 +17,9 @@ from typing import Any
 
 from timm.models import generate_default_cfgs, register_model
 
-from .manifest import load_entries
-from .models.resnet import ARCHITECTURES, MEDICALNET_INPUT_SIZE
-from .registry import create_model
+from .networks.resnet import ARCHITECTURES, MEDICALNET_INPUT_SIZE
+from .weights.factory import create_model
+from .weights.manifest import load_entries
 
 __all__: list[str] = []  # timm's register_model appends each model name
 PREFIX = "med3d_"

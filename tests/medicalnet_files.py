@@ -27,7 +27,7 @@ MANIFEST_PREPROCESS = {
 @functools.cache
 def medicalnet_bytes(arch: str = "resnet10", seed: int = 0) -> bytes:
     """The bytes of a MedicalNet-format checkpoint of ``arch`` with random weights and BN statistics."""
-    from med3d_hub.registry import build_model
+    from med3d_hub.weights.hub_model import build_model
 
     generator = torch.Generator().manual_seed(seed)
     model = build_model(arch, num_classes=0)

@@ -96,7 +96,7 @@ def write_broken(path: Path) -> Path:
 
 def medicalnet_pth(path: Path, arch: str = "resnet10", seed: int = 0) -> Path:
     """A MedicalNet-format checkpoint with random weights and plausible BatchNorm statistics."""
-    from med3d_hub.registry import build_model
+    from med3d_hub.weights.hub_model import build_model
 
     torch.manual_seed(seed)
     model = build_model(arch, num_classes=0)
@@ -113,7 +113,7 @@ def medicalnet_pth(path: Path, arch: str = "resnet10", seed: int = 0) -> Path:
 
 
 def manifest_entry(tag: str, data: bytes, preprocess: dict, *, model: str = "resnet10", default: bool = True) -> dict:
-    """An entry of the weights manifest schema (see med3d_hub/manifest.py) for a test Hub repo."""
+    """An entry of the weights manifest schema (see med3d_hub/weights/manifest.py) for a test Hub repo."""
     import hashlib
 
     return {

@@ -77,7 +77,7 @@ def test_features_and_training_ran(quick_report):
 
 def test_a_local_weights_file_is_hashed_once_until_it_changes(tmp_path, hf_cache, monkeypatch):
     import med3d_hub
-    from med3d_hub import hub, pretrained
+    from med3d_hub.weights import hub, pretrained
     from medicalnet_files import medicalnet_bytes, tampered
 
     calls = []

@@ -9,9 +9,9 @@ import pytest
 import torch
 from medicalnet_files import medicalnet_bytes
 
-from med3d_hub import checkpoints
-from med3d_hub.checkpoints import CheckpointMismatchError
-from med3d_hub.registry import build_model
+from med3d_hub.weights import checkpoints
+from med3d_hub.weights.checkpoints import CheckpointMismatchError
+from med3d_hub.weights.hub_model import build_model
 
 
 class NotATensor:

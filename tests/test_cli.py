@@ -29,12 +29,12 @@ from scan_files import (  # noqa: E402
     write_nifti,
 )
 
-from med3d_hub import cli  # noqa: E402
-from med3d_hub.features import extract_features  # noqa: E402
-from med3d_hub.io import read_volume  # noqa: E402
-from med3d_hub.manifest import read_manifest  # noqa: E402
-from med3d_hub.preprocess import Preprocess, transforms_for  # noqa: E402
-from med3d_hub.registry import build_model  # noqa: E402
+from med3d_hub.cli import app as cli  # noqa: E402
+from med3d_hub.data.io import read_volume  # noqa: E402
+from med3d_hub.data.preprocess import Preprocess, transforms_for  # noqa: E402
+from med3d_hub.inference.features import extract_features  # noqa: E402
+from med3d_hub.weights.hub_model import build_model  # noqa: E402
+from med3d_hub.weights.manifest import read_manifest  # noqa: E402
 
 SIZE = ["--size", "32", "64", "64"]
 # The preprocessing the test weights declare in their manifest entry: unlike any default, and small.
@@ -193,7 +193,7 @@ def test_list_and_info_follow_the_manifest(capsys, monkeypatch, hub):
 
 
 def test_transforms_for_matches_the_shipped_manifest():
-    from med3d_hub.manifest import SHIPPED_MANIFEST
+    from med3d_hub.weights.manifest import SHIPPED_MANIFEST
 
     doc = (ROOT / "docs" / "preprocessing.md").read_text()
     block = doc.split("<!-- shipped-preprocess:start -->")[1].split("<!-- shipped-preprocess:end -->")[0]

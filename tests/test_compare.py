@@ -9,8 +9,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from med3d_hub.cli import main as med3d  # noqa: E402
-from med3d_hub.compare import CompareError, compare_runs, format_table  # noqa: E402
+from med3d_hub.cli.app import main as med3d  # noqa: E402
+from med3d_hub.publishing.compare import CompareError, compare_runs, format_table  # noqa: E402
 
 
 def _run(folder: Path, dice: dict[int, float], seconds_per_step: float = 2.0, metric: str = "dice_mean") -> Path:

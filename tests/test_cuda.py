@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import med3d_hub
-from med3d_hub.inference import optimize_for_inference
+from med3d_hub.inference.optimize import optimize_for_inference
 
 DEVICE = torch.device(os.environ.get("MED3D_TEST_DEVICE", "cuda"))
 FP32_TOL = 1e-4
@@ -222,7 +222,7 @@ def _cotrain_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, task: int, a
 @pytest.mark.parametrize("variant", ["fp32", "fp32 channels_last_3d", "fp32 grad_checkpointing", "bf16 channels_last_3d"])
 def test_a_cotraining_step_matches_the_cpu(variant):
     """Loss, every gradient and the updated BatchNorm statistics of one step of the co-training network."""
-    from med3d_hub.train.model import CoTrainNet
+    from med3d_hub.training.model import CoTrainNet
 
     torch.manual_seed(0)
     net = CoTrainNet(TRAIN_ARCH, ["a", "b"], [2, 3])
@@ -255,7 +255,7 @@ def test_a_cotraining_step_matches_the_cpu(variant):
 
 @pytest.mark.parametrize("task,decoder", [("seg", "paper"), ("seg", "conv_seg"), ("cls", None)])
 def test_finetune_networks_match_the_cpu(task, decoder):
-    from med3d_hub.finetune.model import FinetuneNet
+    from med3d_hub.training.finetune_model import FinetuneNet
 
     torch.manual_seed(0)
     net = with_bn_statistics(FinetuneNet(med3d_hub.create_model("resnet10", num_classes=0), task, 3, decoder or "paper"))
@@ -272,7 +272,7 @@ def test_finetune_networks_match_the_cpu(task, decoder):
 
 
 def test_extract_features_on_the_device_matches_the_cpu():
-    from med3d_hub.features import extract_features
+    from med3d_hub.inference.features import extract_features
 
     model = make("resnet10", num_classes=0)
     arrays = [np.asarray(volume(7 + i, SHAPE[2:])) * 100 + 300 for i in range(3)]

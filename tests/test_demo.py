@@ -15,8 +15,9 @@ pytest.importorskip("matplotlib")
 from hub_server import HubServer  # noqa: E402
 from scan_files import manifest_entry, med3d_env, medicalnet_pth, run_med3d, write_inv3, write_manifest  # noqa: E402
 
-from med3d_hub import cli, demo  # noqa: E402
-from med3d_hub.io import VolumeReadError  # noqa: E402
+from med3d_hub.cli import app as cli  # noqa: E402
+from med3d_hub.data.io import VolumeReadError  # noqa: E402
+from med3d_hub.inference import demo  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SIZE = ["--size", "32", "64", "64"]

@@ -15,17 +15,12 @@ pytest.importorskip("pydicom")
 pytest.importorskip("nilearn")
 
 import med3d_hub  # noqa: E402
-from med3d_hub import features as features_module  # noqa: E402
-from med3d_hub.features import (  # noqa: E402
-    FeatureExtractionError,
-    check_amp,
-    check_output,
-    extract_features,
-    iter_features,
-    save_features,
+from med3d_hub.inference import features as features_module  # noqa: E402
+from med3d_hub.inference.features import (  # noqa: E402
+    FeatureExtractionError, check_amp, check_output, extract_features, iter_features, save_features,
 )
-from med3d_hub.io import read_volume  # noqa: E402
-from med3d_hub.preprocess import Preprocess, transforms_for  # noqa: E402
+from med3d_hub.data.io import read_volume  # noqa: E402
+from med3d_hub.data.preprocess import Preprocess, transforms_for  # noqa: E402
 from scan_files import ct5n, mni_template, write_broken, write_dicom_series, write_nifti  # noqa: E402
 
 SMALL = Preprocess(size=(32, 64, 64))  # the paper's intensity recipe at a test-sized input

@@ -15,10 +15,11 @@ pytest.importorskip("pydicom")
 
 from scan_files import mni_template, write_dicom_series, write_nifti  # noqa: E402
 
-from med3d_hub import cli, metrics  # noqa: E402
+from med3d_hub.cli import app as cli  # noqa: E402
 from med3d_hub.feature_scores import features_of_scans, parameters_sha256  # noqa: E402
-from med3d_hub.features import load_features, save_features  # noqa: E402
-from med3d_hub.registry import create_model  # noqa: E402
+from med3d_hub.inference import metrics  # noqa: E402
+from med3d_hub.inference.features import load_features, save_features  # noqa: E402
+from med3d_hub.weights.factory import create_model  # noqa: E402
 
 SMALL = ["--size", "24", "--pretrained", "none", "--device", "cpu", "-q"]
 

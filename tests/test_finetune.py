@@ -17,11 +17,11 @@ pytest.importorskip("yaml")
 safetensors = pytest.importorskip("safetensors.torch")
 
 from med3d_hub import create_model  # noqa: E402
+from med3d_hub.cli.finetune import main  # noqa: E402
 from med3d_hub.finetune import load_finetuned  # noqa: E402
-from med3d_hub.finetune.cli import main  # noqa: E402
-from med3d_hub.finetune.synthetic import make_synthetic_classification  # noqa: E402
-from med3d_hub.train.metrics import read_metrics  # noqa: E402
-from med3d_hub.train.synthetic import make_synthetic_task  # noqa: E402
+from med3d_hub.training.metrics import read_metrics  # noqa: E402
+from med3d_hub.training.synthetic import make_synthetic_task  # noqa: E402
+from med3d_hub.training.synthetic_classification import make_synthetic_classification  # noqa: E402
 
 COMMON = ["--model", "resnet10", "--crop", "16", "16", "16", "--workers", "0", "--device", "cpu", "--set", "log_every=1"]
 
@@ -82,7 +82,7 @@ def test_segmentation_from_pretrained_encoder_writes_a_publishable_run(data, tmp
     net = load_finetuned(out)
     assert net(torch.randn(1, 1, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
 
-    from med3d_hub.export import read_run
+    from med3d_hub.publishing.export import read_run
 
     run = read_run(out)
     assert run.kind == "model folder" and run.validation.step == 4
@@ -94,7 +94,7 @@ def test_conv_seg_head_is_published_with_the_model(data, tmp_path):
     assert _seg(data, out, "--pretrained", "none", "--decoder", "conv_seg", "--steps", "2") == 0
     config = json.loads((out / "config.json").read_text())
     assert config["seg_classes"] == 3 and config["seg_upsample"] is True
-    from med3d_hub.models.resnet import Med3DResNet
+    from med3d_hub.networks.resnet import Med3DResNet
 
     zoo = Med3DResNet.from_pretrained(str(out))
     net = load_finetuned(out)
@@ -131,7 +131,7 @@ def test_classification_end_to_end_and_resume(data, tmp_path):
     assert 0.0 <= val[-1]["balanced_accuracy"] <= 1.0
     config = json.loads((out / "config.json").read_text())
     assert config["num_classes"] == 2 and config["preprocess"]["size"] == [16, 16, 16]
-    from med3d_hub.models.resnet import Med3DResNet
+    from med3d_hub.networks.resnet import Med3DResNet
 
     zoo = Med3DResNet.from_pretrained(str(out))
     net = load_finetuned(out)
@@ -141,9 +141,9 @@ def test_classification_end_to_end_and_resume(data, tmp_path):
 
 
 def test_new_layers_learn_faster_and_scratch_uses_the_paper_rate(data):
-    from med3d_hub.finetune.config import FinetuneConfig
-    from med3d_hub.finetune.job import FinetuneJob
-    from med3d_hub.finetune.model import build_finetune_net
+    from med3d_hub.training.finetune import FinetuneJob
+    from med3d_hub.training.finetune_config import FinetuneConfig
+    from med3d_hub.training.finetune_model import build_finetune_net
 
     cfg = FinetuneConfig(task="cls", csv="x.csv", model="resnet10", pretrained=str(data["encoder"]))
     assert cfg.lr == pytest.approx(1e-3)
@@ -159,7 +159,7 @@ def test_new_layers_learn_faster_and_scratch_uses_the_paper_rate(data):
 
 
 def test_csv_reader_reports_bad_rows_by_line(tmp_path, capsys):
-    from med3d_hub.finetune.data import read_label_csv
+    from med3d_hub.training.classification_data import read_label_csv
 
     csv = make_synthetic_classification(tmp_path, num_cases=4, shape=(8, 8, 8))
     lines = csv.read_text().splitlines()
@@ -180,8 +180,8 @@ def test_csv_reader_reports_bad_rows_by_line(tmp_path, capsys):
 
 
 def test_csv_reader_refuses_a_wrong_header_and_a_bad_split(tmp_path):
-    from med3d_hub.finetune.data import read_label_csv
-    from med3d_hub.train.data import DataError
+    from med3d_hub.training.classification_data import read_label_csv
+    from med3d_hub.training.data import DataError
 
     (tmp_path / "a.npy").write_bytes(b"")
     (tmp_path / "bad.csv").write_text("file,label\na.npy,1\n")
@@ -196,9 +196,9 @@ def test_unreadable_volume_is_reported_by_line_or_skipped(data, tmp_path):
     csv = make_synthetic_classification(tmp_path, num_cases=6, shape=(8, 8, 8))
     (tmp_path / "volumes" / "broken.npy").write_bytes(b"not an array")
     csv.write_text(csv.read_text() + "volumes/broken.npy,1\n")
-    from med3d_hub.finetune.config import FinetuneConfig
-    from med3d_hub.finetune.data import prepare_classification
-    from med3d_hub.train.data import BadCaseWarning, DataError
+    from med3d_hub.training.classification_data import prepare_classification
+    from med3d_hub.training.data import BadCaseWarning, DataError
+    from med3d_hub.training.finetune_config import FinetuneConfig
 
     cfg = FinetuneConfig(task="cls", csv=str(csv), cache_dir=str(tmp_path / "cache"), crop=(8, 8, 8), model="resnet10")
     with pytest.raises(DataError, match=r"line 8: .*broken.npy"):
@@ -211,7 +211,7 @@ def test_unreadable_volume_is_reported_by_line_or_skipped(data, tmp_path):
 def test_classification_metrics():
     import numpy as np
 
-    from med3d_hub.finetune.evaluate import binary_auc, classification_scores
+    from med3d_hub.training.classification_eval import binary_auc, classification_scores
 
     assert binary_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
     assert binary_auc(np.array([0.5, 0.5]), np.array([0, 1])) == pytest.approx(0.5)
@@ -239,7 +239,7 @@ def test_packaged_recipes_parse(name, tmp_path, monkeypatch):
 
 
 def test_med3d_finetune_cli_errors_are_one_user_error(tmp_path, capsys):
-    from med3d_hub.cli import main as med3d
+    from med3d_hub.cli.app import main as med3d
 
     assert med3d(["finetune", "seg", "--output", str(tmp_path / "x"), "--steps", "1"]) == 2
     assert "one MSD task folder" in capsys.readouterr().err
@@ -250,7 +250,7 @@ def test_med3d_finetune_cli_errors_are_one_user_error(tmp_path, capsys):
 
 
 def test_quiet_silences_the_progress_lines_only(data, tmp_path, capsys):
-    from med3d_hub import cli
+    from med3d_hub.cli import app as cli
 
     args = ("--pretrained", str(data["encoder"]), "--num-classes", "2", "--steps", "2")
     assert _cls(data, tmp_path / "loud", *args) == 0

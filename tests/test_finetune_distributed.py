@@ -12,9 +12,9 @@ import torch
 pytest.importorskip("monai")
 safetensors = pytest.importorskip("safetensors.torch")
 
-from med3d_hub.finetune.synthetic import make_synthetic_classification  # noqa: E402
-from med3d_hub.train.metrics import read_metrics  # noqa: E402
-from med3d_hub.train.synthetic import make_synthetic_task  # noqa: E402
+from med3d_hub.training.metrics import read_metrics  # noqa: E402
+from med3d_hub.training.synthetic import make_synthetic_task  # noqa: E402
+from med3d_hub.training.synthetic_classification import make_synthetic_classification  # noqa: E402
 
 TIMEOUT = 300
 

@@ -17,8 +17,8 @@ pytest.importorskip("nibabel")
 from hub_server import HubServer  # noqa: E402
 from scan_files import ROOT, closed_endpoint, manifest_entry, med3d_env, medicalnet_pth, run_med3d, write_manifest  # noqa: E402
 
-from med3d_hub import cli  # noqa: E402
-from med3d_hub.hub import HubUnreachableError  # noqa: E402
+from med3d_hub.cli import app as cli  # noqa: E402
+from med3d_hub.weights.hub import HubUnreachableError  # noqa: E402
 
 SMALL = ["--size", "16", "32", "32"]
 

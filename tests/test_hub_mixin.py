@@ -15,8 +15,8 @@ from huggingface_hub import PyTorchModelHubMixin
 from safetensors.torch import load_file
 
 import med3d_hub
-from med3d_hub.checkpoints import CheckpointMismatchError
 from med3d_hub.models import Med3DResNet, Med3DResNetFeatures
+from med3d_hub.weights.checkpoints import CheckpointMismatchError
 
 pytestmark = pytest.mark.hub  # runs once per huggingface_hub generation (.ci/compat.sh)
 

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 import med3d_hub
-from med3d_hub import inference
-from med3d_hub.inference import optimize_for_inference
+from med3d_hub.inference import optimize as inference
+from med3d_hub.inference.optimize import optimize_for_inference
 
 RTOL = 1e-4
 needs_fused = pytest.mark.skipif(not inference.fused_path_available(), reason="PyTorch without the fused oneDNN ops")
@@ -121,7 +121,7 @@ def test_the_plain_model_is_left_untouched_by_optimize():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fast = optimize_for_inference(model)
     assert isinstance(model.bn1, nn.BatchNorm3d) and all(p.requires_grad for p in model.parameters())
-    assert type(model.layer1[0]) is med3d_hub.models.resnet.BasicBlock and isinstance(model.relu, nn.ReLU)
+    assert type(model.layer1[0]) is med3d_hub.networks.resnet.BasicBlock and isinstance(model.relu, nn.ReLU)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(isinstance(m, nn.BatchNorm3d) for m in fast.modules())
     assert all(not p.requires_grad for p in fast.parameters())
@@ -218,7 +218,7 @@ def test_bf16_autocast_runs_on_any_cpu():
 
 
 def test_bf16_autocast_is_followed_where_the_cpu_has_it():
-    from med3d_hub.features import _native_cpu_amp
+    from med3d_hub.inference.features import _native_cpu_amp
 
     if not _native_cpu_amp(torch.bfloat16):
         pytest.skip("no native bf16 on this CPU (autocast would be emulated)")
@@ -255,7 +255,7 @@ def test_without_the_fused_ops_the_copy_keeps_the_plain_convs(monkeypatch, caplo
     inference.fused_path_available.cache_clear()
     try:
         model = _model("resnet18", num_classes=0)
-        with caplog.at_level(logging.WARNING, logger="med3d_hub.inference"):
+        with caplog.at_level(logging.WARNING, logger="med3d_hub.inference.optimize"):
             fast = optimize_for_inference(model)
             optimize_for_inference(model)
         assert sum("fused oneDNN conv path is unavailable" in r.message for r in caplog.records) == 1
@@ -279,7 +279,7 @@ def test_compile_failure_falls_back_to_the_eager_fast_path(monkeypatch, caplog):
     model = _model("resnet10", num_classes=0)
     fast = optimize_for_inference(model, compile=True)
     x = torch.randn(1, 1, 12, 16, 16)
-    with caplog.at_level(logging.WARNING, logger="med3d_hub.inference"), torch.inference_mode():
+    with caplog.at_level(logging.WARNING, logger="med3d_hub.inference.optimize"), torch.inference_mode():
         out = fast(x)
         again = fast.forward_features(x)
     _assert_close(out, _plain(model, x))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from med3d_hub.io import Volume, VolumeReadError, read_volume
+from med3d_hub.data.io import Volume, VolumeReadError, read_volume
 
 nib = pytest.importorskip("nibabel")
 pydicom = pytest.importorskip("pydicom")

@@ -1,7 +1,7 @@
 """The learning rate each parameter group actually uses, step by step, against the recipe.
 
 ``med3d train``, ``med3d finetune seg`` and ``med3d finetune cls`` run end to end (resnet10, 16^3
-crops, a few steps) through ``med3d_hub.cli.main``. A global optimiser step hook reads every
+crops, a few steps) through ``med3d_hub.cli.app.main``. A global optimiser step hook reads every
 group's ``lr`` at the moment ``optimizer.step()`` runs, after the scheduler has set it. The rates
 must equal the formula of docs/co-training.md ("Schedule") and docs/transfer.md ("Learning
 rates"), written out again below, and ``metrics.jsonl`` must log the same rates.
@@ -21,10 +21,10 @@ pytest.importorskip("timm")
 safetensors = pytest.importorskip("safetensors.torch")
 
 from med3d_hub import create_model  # noqa: E402
-from med3d_hub.cli import main as med3d  # noqa: E402
-from med3d_hub.finetune.synthetic import make_synthetic_classification  # noqa: E402
-from med3d_hub.train.metrics import read_metrics  # noqa: E402
-from med3d_hub.train.synthetic import make_synthetic_task  # noqa: E402
+from med3d_hub.cli.app import main as med3d  # noqa: E402
+from med3d_hub.training.metrics import read_metrics  # noqa: E402
+from med3d_hub.training.synthetic import make_synthetic_task  # noqa: E402
+from med3d_hub.training.synthetic_classification import make_synthetic_classification  # noqa: E402
 
 COMMON = ["--model", "resnet10", "--crop", "16", "16", "16", "--workers", "0", "--device", "cpu", "-q",
           "--set", "log_every=1", "--set", "val_fraction=0.25", "--set", "val_every=1000"]

@@ -15,8 +15,8 @@ import pytest
 from medicalnet_files import MANIFEST_PREPROCESS, write_manifest
 
 import med3d_hub
-from med3d_hub import manifest
-from med3d_hub.manifest import ManifestError
+from med3d_hub.weights import manifest
+from med3d_hub.weights.manifest import ManifestError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

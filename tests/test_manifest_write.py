@@ -7,7 +7,7 @@ import json
 import pytest
 from medicalnet_files import entry, medicalnet_bytes, write_manifest
 
-from med3d_hub.manifest import EntryExistsError, ManifestError, add_entry, manifest_with_entry, read_manifest
+from med3d_hub.weights.manifest import EntryExistsError, ManifestError, add_entry, manifest_with_entry, read_manifest
 
 DATA = medicalnet_bytes("resnet10")
 

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from med3d_hub import metrics
+from med3d_hub.inference import metrics
 
 RTOL = 1e-6
 

@@ -192,7 +192,7 @@ def test_shortcut_override(depth, shortcut):
 
 def test_shortcut_a_passes_gradients():
     """Upstream detaches shortcut A by accident; ours must carry the gradient."""
-    from med3d_hub.models.resnet import ShortcutA
+    from med3d_hub.networks.resnet import ShortcutA
 
     x = torch.randn(2, 64, 8, 9, 10, requires_grad=True)
     out = ShortcutA(128, stride=2)(x)

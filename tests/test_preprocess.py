@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from med3d_hub.io import Volume, read_volume
-from med3d_hub.preprocess import PAPER_PREPROCESS, Preprocess, transforms_for
+from med3d_hub.data.io import Volume, read_volume
+from med3d_hub.data.preprocess import PAPER_PREPROCESS, Preprocess, transforms_for
 
 NONE = {"method": "none"}
 

@@ -29,8 +29,8 @@ from medicalnet_files import (
 )
 
 import med3d_hub
-from med3d_hub import hub, manifest
-from med3d_hub.checkpoints import CheckpointMismatchError
+from med3d_hub.weights import hub, manifest
+from med3d_hub.weights.checkpoints import CheckpointMismatchError
 
 pytestmark = pytest.mark.hub  # runs once per huggingface_hub generation (.ci/compat.sh)
 

@@ -13,7 +13,7 @@ import torch
 from medicalnet_files import entry, files_with_content, medicalnet_bytes, sha256, state_dict_of, write_manifest
 
 import med3d_hub
-from med3d_hub import hub, manifest
+from med3d_hub.weights import hub, manifest
 
 pytestmark = pytest.mark.hub  # runs once per huggingface_hub generation (.ci/compat.sh)
 

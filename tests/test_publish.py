@@ -28,10 +28,11 @@ from medicalnet_files import medicalnet_bytes, write_manifest  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import med3d_hub  # noqa: E402
-from med3d_hub import cli, manifest  # noqa: E402
-from med3d_hub import publish as publish_module  # noqa: E402
-from med3d_hub.export import RunError, export, read_run  # noqa: E402
-from med3d_hub.publish import fixed_input, publish  # noqa: E402
+from med3d_hub.cli import app as cli  # noqa: E402
+from med3d_hub.publishing import publish as publish_module  # noqa: E402
+from med3d_hub.publishing.export import RunError, export, read_run  # noqa: E402
+from med3d_hub.publishing.publish import fixed_input, publish  # noqa: E402
+from med3d_hub.weights import manifest  # noqa: E402
 
 # huggingface_hub itself PUTs LFS bytes with httpx2's deprecated data=<file>.
 pytestmark = [
@@ -52,7 +53,7 @@ def _sha256(data: bytes) -> str:
 def run_dir(tmp_path_factory) -> Path:
     """A finished co-training run: config.yaml, encoder.safetensors, metrics.jsonl, curves.png, checkpoints/."""
     from med3d_hub.train import main as train_main
-    from med3d_hub.train.synthetic import make_synthetic_task
+    from med3d_hub.training.synthetic import make_synthetic_task
 
     root = tmp_path_factory.mktemp("tiny_run")
     tasks = [
@@ -90,7 +91,7 @@ def _fresh_process_outputs(tmp: Path, manifest_path: Path, name: str, kwargs: di
     code = (
         "import torch, med3d_hub\n"
         "from safetensors.torch import save_file\n"
-        "from med3d_hub.publish import fixed_input\n"
+        "from med3d_hub.publishing.publish import fixed_input\n"
         f"m = med3d_hub.create_model({name!r}, pretrained=True, **{kwargs!r}).eval()\n"
         "assert m.pretrained_cfg['format'] == 'safetensors', m.pretrained_cfg\n"
         f"with torch.no_grad(): y = m(fixed_input({in_chans}))\n"
@@ -383,7 +384,7 @@ def test_an_upload_through_xet_to_a_server_without_it_is_explained(run_dir, tmp_
 
 
 def test_a_model_object_is_checked_like_a_folder_before_the_hub_is_asked(hf_cache, monkeypatch, tmp_path):
-    from med3d_hub.hub import HubUnreachableError
+    from med3d_hub.weights.hub import HubUnreachableError
 
     monkeypatch.setenv("HF_ENDPOINT", closed_port_endpoint())
     model = med3d_hub.create_model("resnet10", num_classes=4)

@@ -6,9 +6,9 @@ import pytest
 
 pytest.importorskip("yaml")
 
-from med3d_hub.train.cli import build_config, parser  # noqa: E402
-from med3d_hub.train.config import ConfigError, TrainConfig, load_config, resolve_config_path  # noqa: E402
-from med3d_hub.train.synthetic import make_synthetic_task  # noqa: E402
+from med3d_hub.cli.train import build_config, parser  # noqa: E402
+from med3d_hub.training.config import ConfigError, TrainConfig, load_config, resolve_config_path  # noqa: E402
+from med3d_hub.training.synthetic import make_synthetic_task  # noqa: E402
 
 MSD_3DSEG8 = {
     "BrainTumour": ("Task01_BrainTumour", 4),
@@ -89,7 +89,7 @@ def test_dist_backend_auto_takes_gloo_where_processes_share_a_gpu(monkeypatch):
     """NCCL refuses two processes on one GPU; auto then takes gloo, and nccl is refused on CPUs."""
     import torch
 
-    from med3d_hub.train.distributed import pick_backend
+    from med3d_hub.training.distributed import pick_backend
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     cuda = torch.device("cuda", 0)

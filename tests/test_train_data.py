@@ -12,14 +12,14 @@ import pytest
 nib = pytest.importorskip("nibabel")
 pytest.importorskip("monai")
 
-from med3d_hub.io import read_volume  # noqa: E402
-from med3d_hub.train import data as data_mod  # noqa: E402
+from med3d_hub.data.io import read_volume  # noqa: E402
 from med3d_hub.train import main  # noqa: E402
-from med3d_hub.train.config import TaskConfig, TrainConfig  # noqa: E402
-from med3d_hub.train.data import (  # noqa: E402
+from med3d_hub.training import data as data_mod  # noqa: E402
+from med3d_hub.training.config import TaskConfig, TrainConfig  # noqa: E402
+from med3d_hub.training.data import (  # noqa: E402
     BadCaseWarning, CropDataset, DataError, MicroBatchPlan, crop_box, prepare_tasks, read_crop,
 )
-from med3d_hub.train.synthetic import make_synthetic_task, write_case  # noqa: E402
+from med3d_hub.training.synthetic import make_synthetic_task, write_case  # noqa: E402
 
 
 def _cfg(tmp_path, folders, **kw) -> TrainConfig:
@@ -158,7 +158,7 @@ def test_multichannel_images_need_a_channel(tmp_path):
     cfg = cfg.replace(tasks=[TaskConfig(name="Two", path=str(folder), channel=1)])
     (task,) = prepare_tasks(cfg, log=_quiet)
     image, label, _ = task.load("two_0")
-    assert image.shape == (8, 12, 10)  # (D, H, W) = (k, j, i), as med3d_hub.io reads 3-D files
+    assert image.shape == (8, 12, 10)  # (D, H, W) = (k, j, i), as med3d_hub.data.io reads 3-D files
     dhw = [raw[0][..., c].transpose(2, 1, 0).ravel() for c in (0, 1)]
     assert np.corrcoef(image.ravel(), dhw[1])[0, 1] > 0.98  # channel 1 was read (clipped, z-scored)
     assert abs(np.corrcoef(image.ravel(), dhw[0])[0, 1]) < 0.2

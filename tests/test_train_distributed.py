@@ -21,8 +21,8 @@ pytest.importorskip("nibabel")
 safetensors = pytest.importorskip("safetensors.torch")
 
 from med3d_hub import create_model  # noqa: E402
-from med3d_hub.train.metrics import read_metrics  # noqa: E402
-from med3d_hub.train.synthetic import make_synthetic_task  # noqa: E402
+from med3d_hub.training.metrics import read_metrics  # noqa: E402
+from med3d_hub.training.synthetic import make_synthetic_task  # noqa: E402
 
 STEPS = 16
 TIMEOUT = 240

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from med3d_hub import create_model
-from med3d_hub.train.export import export_encoder
-from med3d_hub.train.model import CoTrainNet
+from med3d_hub.training.encoder import export_encoder
+from med3d_hub.training.model import CoTrainNet
 
 safetensors = pytest.importorskip("safetensors.torch")
 
@@ -51,7 +51,7 @@ def test_exported_encoder_loads_strictly_into_the_zoo_model(tmp_path):
         assert torch.equal(backbone.forward_features(x), net.encoder.forward_features(x))
     with safetensors.safe_open(str(path), "pt") as f:
         assert f.metadata()["arch"] == "resnet10" and f.metadata()["steps"] == "3"
-    if importlib.util.find_spec("med3d_hub.pretrained") is not None:
+    if importlib.util.find_spec("med3d_hub.weights.pretrained") is not None:
         loaded = create_model("resnet10", pretrained=str(path), num_classes=0)
         assert all(torch.equal(v, tensors[k]) for k, v in loaded.state_dict().items())
     with pytest.raises(ValueError, match="encoder keys"):

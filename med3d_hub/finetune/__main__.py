@@ -1,5 +1,5 @@
 """``python -m med3d_hub.finetune seg|cls ...`` (also under torchrun)."""
 
-from .cli import main
+from ..cli.finetune import main
 
 raise SystemExit(main())

@@ -1,6 +1,7 @@
-"""Network definitions only: no files, no Hub."""
+"""The model classes users hold (with save_pretrained / from_pretrained / push_to_hub), the architecture
+table and the heads. The networks themselves are defined in med3d_hub.networks."""
 
-from .heads import SegmentationHead
-from .resnet import ARCHITECTURES, DEFAULT_NUM_CLASSES, FeatureInfo, Med3DResNet, Med3DResNetFeatures
+from ..networks.heads import SegmentationHead
+from ..networks.resnet import ARCHITECTURES, DEFAULT_NUM_CLASSES, FeatureInfo, Med3DResNet, Med3DResNetFeatures
 
 __all__ = ["ARCHITECTURES", "DEFAULT_NUM_CLASSES", "FeatureInfo", "Med3DResNet", "Med3DResNetFeatures", "SegmentationHead"]

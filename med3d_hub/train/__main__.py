@@ -1,6 +1,6 @@
 """``python -m med3d_hub.train`` and ``torchrun -m med3d_hub.train``."""
 
-from .cli import main
+from ..cli.train import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from med3d_hub import manifest
+from med3d_hub.weights import manifest
 
 _HERE = Path(__file__).parent
 

@@ -21,7 +21,7 @@ import pytest
 from hub_server import HangingServer
 
 import med3d_hub
-from med3d_hub import hub
+from med3d_hub.weights import hub
 
 pytestmark = pytest.mark.hub
 

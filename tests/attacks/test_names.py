@@ -10,7 +10,7 @@ from medicalnet_files import entry, medicalnet_bytes, write_manifest
 from scan_files import med3d_env, run_med3d
 
 import med3d_hub
-from med3d_hub import hub
+from med3d_hub.weights import hub
 
 REPO = "med3d-test/MedicalNet-Resnet10"
 TRAVERSALS = ["../../../outside/file", "..%2F..%2F..%2Foutside%2Ffile", "main/../../x", ".hidden", "a\\b", "x y", "@{-1}"]

@@ -14,9 +14,9 @@ import torch
 from scan_files import med3d_env, run_med3d, write_broken
 
 import med3d_hub
-from med3d_hub import cli
-from med3d_hub.features import FeatureExtractionError, check_output, extract_features
-from med3d_hub.io import VolumeReadError, read_volume
+from med3d_hub.cli import app as cli
+from med3d_hub.data.io import VolumeReadError, read_volume
+from med3d_hub.inference.features import FeatureExtractionError, check_output, extract_features
 
 PREPROCESS = {"spacing": None, "size": [16, 16, 16], "intensity": {"method": "none"}, "crop_foreground": False}
 
@@ -108,7 +108,7 @@ def test_the_command_reports_non_finite_scans_and_takes_nan_policy(tmp_path, cap
 def test_weights_with_nan_are_refused_at_load(tmp_path):
     from safetensors.torch import save_file
 
-    from med3d_hub.model_files import NonFiniteWeightsError
+    from med3d_hub.weights.model_files import NonFiniteWeightsError
 
     state = med3d_hub.create_model("resnet10", num_classes=0).state_dict()
     state["layer1.0.conv1.weight"][0, 0, 0, 0, 0] = float("nan")

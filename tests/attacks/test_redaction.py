@@ -8,8 +8,9 @@ import pytest
 from hub_server import HubServer, _json
 
 import med3d_hub
-from med3d_hub import cli, hub, manifest
-from med3d_hub.model_files import write_model_files
+from med3d_hub.cli import app as cli
+from med3d_hub.weights import hub, manifest
+from med3d_hub.weights.model_files import write_model_files
 
 TOKEN = "hf_" + "Qw3rTy" * 6  # token-shaped, as the Hub issues them
 
@@ -66,7 +67,7 @@ def test_publish_never_prints_a_token_the_server_echoes(hf_cache, tmp_path, monk
 def test_log_lines_through_the_command_are_redacted(monkeypatch, capsys):
     restore = cli._configure_logging(quiet=False, debug=False)
     try:
-        logging.getLogger("med3d_hub.hub").warning("server said: Authorization: Bearer %s", TOKEN)
+        logging.getLogger("med3d_hub.weights.hub").warning("server said: Authorization: Bearer %s", TOKEN)
     finally:
         restore()
     err = capsys.readouterr().err

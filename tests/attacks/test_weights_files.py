@@ -17,8 +17,9 @@ from medicalnet_files import entry, medicalnet_bytes, state_dict_of, tampered, w
 from safetensors.torch import save_file
 
 import med3d_hub
-from med3d_hub import cli, hub
-from med3d_hub.checkpoints import CheckpointMismatchError
+from med3d_hub.cli import app as cli
+from med3d_hub.weights import hub
+from med3d_hub.weights.checkpoints import CheckpointMismatchError
 
 REPO = "med3d-test/MedicalNet-Resnet10"
 FILE = "resnet_10.pth"

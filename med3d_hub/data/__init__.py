@@ -1,0 +1,1 @@
+"""Reading volumes (NIfTI, DICOM, .npy) and the preprocessing that weights expect. Imports networks at most."""

@@ -1,0 +1,286 @@
+"""The input preprocessing that a set of pretrained weights expects, described as data.
+
+Pretrained weights only transfer when the input looks like what they were trained on, so the
+preprocessing is stored beside the weights in the manifest as a small dict and rebuilt here:
+
+    {"spacing": null, "intensity": {"method": "percentile_zscore", "lower": 0.5, "upper": 99.5},
+     "crop_foreground": false, "size": null, "size_mode": "resize"}
+
+``Preprocess`` applies the steps in a fixed order:
+
+1. ``spacing`` (mm along D, H, W, or null to keep the input's): trilinear resampling.
+2. ``crop_foreground``: crop to the bounding box of the non-zero voxels, as upstream MedicalNet's
+   demo does for skull-stripped MRI. CT backgrounds are about -1000 HU, not 0, so this is a no-op
+   there unless the volume was masked.
+3. ``intensity``, one of
+   ``percentile_zscore`` (``lower``, ``upper``): clip to the volume's own percentiles, then
+   z-score with the volume's mean and std: the paper's co-training (0.5 - 99.5);
+   ``nonzero_zscore``: z-score with the mean and std of voxels > 0, zero voxels stay 0
+   (upstream's demo, without its train-time noise in the background);
+   ``hu_window`` (``min``, ``max``): clip to a fixed CT window, then z-score like
+   ``percentile_zscore``. The z-score, rather than mapping the window onto [0, 1], keeps the
+   statistics the weights saw in co-training and only swaps per-volume bounds for fixed ones;
+   ``none``: values are passed through as float32.
+   A constant volume has std 0; it is divided by 1 instead, so no NaN appears.
+4. ``size`` ([D, H, W] or null) with ``size_mode``: ``resize`` interpolates (trilinear) to exactly
+   that size; ``crop_pad`` centre-crops and zero-pads (0 is the mean after a z-score).
+
+The result is a float32 tensor of shape (1, D, H, W): the channel axis first, ready to batch.
+The work is done with torch and numpy on the CPU; MONAI is not needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .io import Volume
+
+__all__ = ["PAPER_PREPROCESS", "Preprocess", "transforms_for"]
+
+PAPER_PREPROCESS: dict = {
+    "spacing": None,
+    "intensity": {"method": "percentile_zscore", "lower": 0.5, "upper": 99.5},
+    "crop_foreground": False,
+    "size": None,
+    "size_mode": "resize",
+}
+
+# method -> {parameter: default}; None marks a parameter without a default (required).
+_INTENSITY_PARAMS: dict[str, dict[str, float | None]] = {
+    "percentile_zscore": {"lower": 0.5, "upper": 99.5},
+    "nonzero_zscore": {},
+    "hu_window": {"min": None, "max": None},
+    "none": {},
+}
+_SIZE_MODES = ("resize", "crop_pad")
+
+
+def _paper_intensity() -> dict:
+    return dict(PAPER_PREPROCESS["intensity"])
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """One preprocessing recipe; build it with ``from_dict`` from a manifest entry."""
+
+    spacing: tuple[float, float, float] | None = None
+    intensity: dict = field(default_factory=_paper_intensity)
+    crop_foreground: bool = False
+    size: tuple[int, int, int] | None = None
+    size_mode: str = "resize"
+
+    def __post_init__(self) -> None:
+        # Normalise here so that direct construction, from_dict and replace all validate.
+        set_ = object.__setattr__
+        set_(self, "spacing", _triple(self.spacing, "spacing", float))
+        set_(self, "size", _triple(self.size, "size", int))
+        set_(self, "intensity", _check_intensity(self.intensity))
+        if not isinstance(self.crop_foreground, bool):
+            raise ValueError(f"crop_foreground must be true or false, got {self.crop_foreground!r}.")
+        if self.size_mode not in _SIZE_MODES:
+            raise ValueError(f"unknown size_mode {self.size_mode!r}; allowed: {', '.join(_SIZE_MODES)}.")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Preprocess:
+        """Build from a manifest dict; missing keys take the defaults, unknown keys are errors."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a preprocessing description must be a dict, got {type(d).__name__}.")
+        _check_keys(d)
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict that ``from_dict`` turns back into an equal ``Preprocess``."""
+        return {
+            "spacing": None if self.spacing is None else list(self.spacing),
+            "intensity": dict(self.intensity),
+            "crop_foreground": self.crop_foreground,
+            "size": None if self.size is None else list(self.size),
+            "size_mode": self.size_mode,
+        }
+
+    def replace(self, **overrides: Any) -> Preprocess:
+        """A copy with some steps changed, e.g. ``p.replace(size=(64, 128, 128))``."""
+        _check_keys(overrides)
+        return dataclasses.replace(self, **overrides)
+
+    def __call__(self, volume: Volume | np.ndarray) -> torch.Tensor:
+        """Preprocess a ``Volume`` or a (D, H, W) array at 1 mm into a (1, D, H, W) float32 tensor."""
+        if isinstance(volume, Volume):
+            array, spacing = volume.array, volume.spacing
+        elif isinstance(volume, np.ndarray):
+            array, spacing = volume, (1.0, 1.0, 1.0)
+        else:
+            raise TypeError(
+                f"expected a med3d_hub.data.io.Volume or a numpy array, got {type(volume).__name__}; "
+                "read files with med3d_hub.data.io.read_volume."
+            )
+        if array.ndim != 3 or 0 in array.shape:
+            raise ValueError(f"expected a non-empty 3-D (D, H, W) volume, got shape {array.shape}.")
+        # The one copy: float32, C order, owned by us, so later steps may work in place.
+        x = torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
+
+        if self.spacing is not None:
+            # Keep the physical extent: n voxels of s mm become n * s / t voxels of t mm (half up).
+            shape = [max(1, int(n * s / t + 0.5)) for n, s, t in zip(x.shape, spacing, self.spacing)]
+            x = _interpolate(x, shape)
+        if self.crop_foreground:
+            x = _crop_nonzero(x)
+        x = _normalise(x, self.intensity)
+        if self.size is not None:
+            x = _interpolate(x, self.size) if self.size_mode == "resize" else _crop_pad(x, self.size)
+        return x.contiguous().unsqueeze(0)
+
+
+def transforms_for(model_or_cfg: Any = None, **overrides: Any) -> Preprocess:
+    """The preprocessing that goes with a model or a config, with optional overrides.
+
+    Accepts a model with a ``pretrained_cfg`` (its ``"preprocess"`` entry is used), a pretrained
+    cfg dict holding a ``"preprocess"`` entry, a preprocessing dict, a ``Preprocess``, or None.
+    Without preprocessing information the paper's co-training recipe (``PAPER_PREPROCESS``) is
+    returned. ``overrides`` change single steps, e.g. ``transforms_for(model, size=None)``.
+    """
+    if isinstance(model_or_cfg, str):
+        raise ValueError(
+            f"transforms_for got the string {model_or_cfg!r}; pass the model itself, its "
+            "pretrained_cfg or a preprocessing dict."
+        )
+    if isinstance(model_or_cfg, Preprocess):
+        base = model_or_cfg
+    elif isinstance(model_or_cfg, Mapping):
+        spec = model_or_cfg.get("preprocess", model_or_cfg)
+        base = Preprocess.from_dict(PAPER_PREPROCESS if spec is None else spec)
+    else:
+        cfg = getattr(model_or_cfg, "pretrained_cfg", None)
+        spec = cfg.get("preprocess") if isinstance(cfg, Mapping) else getattr(cfg, "preprocess", None)
+        base = Preprocess.from_dict(PAPER_PREPROCESS if spec is None else spec)
+    return base.replace(**overrides) if overrides else base
+
+
+def _check_keys(d: Mapping[str, Any]) -> None:
+    allowed = [f.name for f in dataclasses.fields(Preprocess)]
+    unknown = [k for k in d if k not in allowed]
+    if unknown:
+        raise ValueError(
+            f"unknown preprocessing key(s) {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(allowed)}."
+        )
+
+
+def _triple(value: Any, name: str, kind: type) -> tuple | None:
+    """None, or three positive numbers (D, H, W) of type ``kind``."""
+    if value is None:
+        return None
+    try:
+        items = list(value)
+        numbers = [kind(v) for v in items]
+        ok = len(items) == 3 and all(
+            not isinstance(v, bool) and n > 0 and n == v for v, n in zip(items, numbers)
+        )
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        what = "positive integers" if kind is int else "positive numbers (mm)"
+        raise ValueError(f"{name} must be null or three {what} for D, H, W; got {value!r}.")
+    return tuple(numbers)
+
+
+def _check_intensity(spec: Any) -> dict:
+    """A complete intensity dict: the method plus every parameter, defaults filled in."""
+    if isinstance(spec, str):
+        spec = {"method": spec}
+    if not isinstance(spec, Mapping) or "method" not in spec:
+        raise ValueError(f"intensity must be a dict with a 'method' key, got {spec!r}.")
+    method = spec["method"]
+    if method not in _INTENSITY_PARAMS:
+        raise ValueError(
+            f"unknown intensity method {method!r}; allowed: {', '.join(_INTENSITY_PARAMS)}."
+        )
+    params = _INTENSITY_PARAMS[method]
+    unknown = [k for k in spec if k != "method" and k not in params]
+    if unknown:
+        allowed = ", ".join(params) or "none"
+        raise ValueError(
+            f"unknown parameter(s) {', '.join(map(repr, unknown))} for intensity method "
+            f"{method!r}; allowed: {allowed}."
+        )
+    out: dict[str, Any] = {"method": method}
+    for key, default in params.items():
+        value = spec.get(key, default)
+        if value is None:
+            raise ValueError(f"intensity method {method!r} needs {key!r}.")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            raise ValueError(f"intensity {key!r} must be a finite number, got {value!r}.")
+        out[key] = float(value)
+    low, high = {"percentile_zscore": ("lower", "upper"), "hu_window": ("min", "max")}.get(
+        method, (None, None)
+    )
+    if low is not None and not out[low] < out[high]:
+        raise ValueError(f"intensity {low!r} must be below {high!r}, got {out[low]} and {out[high]}.")
+    if method == "percentile_zscore" and not (0 <= out["lower"] and out["upper"] <= 100):
+        raise ValueError(f"percentiles must lie in [0, 100], got {out['lower']} and {out['upper']}.")
+    return out
+
+
+def _interpolate(x: torch.Tensor, shape) -> torch.Tensor:
+    if tuple(x.shape) == tuple(shape):
+        return x
+    return F.interpolate(x[None, None], size=tuple(shape), mode="trilinear", align_corners=False)[0, 0]
+
+
+def _crop_nonzero(x: torch.Tensor) -> torch.Tensor:
+    """Crop to the bounding box of non-zero voxels; an all-zero volume is left whole."""
+    mask = x != 0
+    if not mask.any():
+        return x
+    box = []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        hits = torch.nonzero(mask.any(dim=others)).flatten()
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return x[tuple(box)]
+
+
+def _crop_pad(x: torch.Tensor, size) -> torch.Tensor:
+    """Centre-crop axes longer than ``size`` and zero-pad shorter ones (extra voxel at the end)."""
+    crop, pad = [], []
+    for n, target in zip(x.shape, size):
+        start = max(0, (n - target) // 2)
+        crop.append(slice(start, start + min(n, target)))
+        before = max(0, (target - n) // 2)
+        pad.append((before, max(0, target - n) - before))
+    x = x[tuple(crop)]
+    # F.pad lists (before, after) pairs from the last axis backwards.
+    return F.pad(x, [p for pair in reversed(pad) for p in pair]) if any(map(any, pad)) else x
+
+
+def _zscore_(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Z-score ``x`` in place with the mean and std of ``values``; std 0 divides by 1."""
+    if values.numel() == 0:
+        return x
+    std, mean = torch.std_mean(values, correction=0)
+    return x.sub_(mean).div_(std if std > 0 else 1.0)
+
+
+def _normalise(x: torch.Tensor, spec: dict) -> torch.Tensor:
+    method = spec["method"]
+    if method == "percentile_zscore":
+        # numpy's percentile partitions (O(n)); torch.quantile sorts and caps the input size.
+        low, high = np.percentile(x.numpy(), [spec["lower"], spec["upper"]])
+        x = x.clamp(float(low), float(high))  # a new tensor: x may still be a crop view
+        return _zscore_(x, x)
+    if method == "hu_window":
+        x = x.clamp(spec["min"], spec["max"])
+        return _zscore_(x, x)
+    if method == "nonzero_zscore":
+        zero = x == 0
+        out = x.clone()
+        _zscore_(out, x[x > 0])
+        return out.masked_fill_(zero, 0.0)
+    return x

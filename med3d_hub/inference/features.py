@@ -1,0 +1,702 @@
+"""Embeddings and feature maps of volumes: read, preprocess, batch, forward, write.
+
+``extract_features(model, ["a.nii.gz", "b.nii.gz"])`` returns one row per input, in input order.
+Underneath, ``iter_features`` yields one ``FeatureResult`` per input (features or an error), so a
+caller such as the ``med3d`` command can report and skip an unreadable file without losing the
+others.
+
+How the work is arranged:
+
+* Reading and preprocessing run in a small thread pool a few volumes ahead of the network, so file
+  I/O and resampling overlap the forward pass instead of adding to it.
+* Consecutive volumes with the same preprocessed shape share a batch (up to ``batch_size``); a
+  volume of another shape starts a new batch. Set a fixed ``size`` in the preprocessing to batch
+  everything.
+* The network runs through ``optimize_for_inference`` (BatchNorm folded into the convs, the
+  channels_last_3d layout) unless ``fast=False``; outputs equal the plain model's within float
+  rounding.
+* ``amp="bf16"`` or ``"fp16"`` runs the forward under autocast. On a CPU without native support for
+  that type (AVX512-BF16 or AMX) autocast is emulated and hundreds of times slower than fp32, so it
+  is refused there unless ``force_amp=True``.
+
+``save_features`` writes ``.npy``, ``.npz`` (features plus the input names and, when given, their
+provenance as JSON), ``.csv`` or ``.parquet`` atomically: a temporary file in the same folder, then
+``os.replace``. ``load_features`` reads ``.npz`` and ``.npy`` back without unpickling anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import tempfile
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.io import Volume, read_volume
+from ..data.preprocess import Preprocess, transforms_for
+
+__all__ = [
+    "MAPS",
+    "NAN_POLICIES",
+    "FeatureExtractionError",
+    "FeatureResult",
+    "check_amp",
+    "check_output",
+    "describe_preprocess",
+    "extract_features",
+    "iter_features",
+    "load_features",
+    "resolve_device",
+    "save_features",
+    "write_atomically",
+    "stack_results",
+]
+
+# What a forward returns per volume: the pooled embedding (C,), the layer4 map (C, d, h, w), or the
+# outputs of layer1..layer4 (a dict of maps).
+MAPS = ("pooled", "layer4", "stages")
+STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
+OUTPUT_FORMATS = (".npy", ".npz", ".csv", ".parquet")
+NAN_POLICIES = ("error", "zero")  # what to do with NaN or infinite voxels in an input
+
+Input = Union[str, os.PathLike, Volume, np.ndarray]
+Features = Union[np.ndarray, dict]
+
+
+class FeatureExtractionError(RuntimeError):
+    """Some inputs could not be read or processed; ``failures`` lists ``(name, message)`` pairs."""
+
+    def __init__(self, failures: Sequence[tuple[str, str]], total: int):
+        self.failures = list(failures)
+        lines = "\n".join(f"  {message}" for _, message in self.failures)
+        super().__init__(
+            f"{len(self.failures)} of {total} input(s) failed:\n{lines}\n"
+            "Use med3d_hub.inference.features.iter_features to keep the others and skip these."
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureResult:
+    """The outcome for one input: ``features`` or ``error`` (a message that names the input)."""
+
+    index: int  # position in the inputs
+    name: str  # the path as given, or "<array i>" / the Volume's source
+    features: Features | None = None
+    shape: tuple[int, int, int] | None = None  # the preprocessed (D, H, W) the network saw
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+# -- device and mixed precision --------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device | None, model: nn.Module | None = None) -> torch.device:
+    """``None``: the model's device (CPU without one); ``"auto"``: CUDA when available, else CPU."""
+    if device is None:
+        param = next(model.parameters(), None) if model is not None else None
+        return param.device if param is not None else torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto.") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device cuda was asked for, but torch sees no CUDA GPU (CPU-only build, no driver, or "
+            "CUDA_VISIBLE_DEVICES is empty); use --device cpu."
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device} is not supported here; use cpu or cuda.")
+    return device
+
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def _native_cpu_amp(dtype: torch.dtype) -> bool:
+    """Whether this CPU computes ``dtype`` natively (else oneDNN emulates it, very slowly)."""
+    probe = {
+        torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+        torch.float16: ("_is_amx_fp16_supported",),
+    }[dtype]
+    for name in probe:
+        check = getattr(torch.cpu, name, None)
+        try:
+            if check is not None and check():
+                return True
+        except Exception:  # a probe that is missing or fails on this build counts as "no"
+            pass
+    return False
+
+
+def check_amp(amp: str | None, device: torch.device, *, force: bool = False) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` (None, "bf16", "fp16") on ``device``, or an error.
+
+    On a CPU without native support for the type autocast is hundreds of times slower than fp32:
+    that raises ``ValueError`` unless ``force`` (then it warns).
+    """
+    if amp in (None, False, "none", "fp32", "off"):
+        return None
+    if amp not in _AMP_DTYPES:
+        raise ValueError(f"unknown amp {amp!r}; use bf16 or fp16 (or leave it off for fp32).")
+    dtype = _AMP_DTYPES[amp]
+    label = "bf16" if dtype == torch.bfloat16 else "fp16"
+    if device.type == "cpu" and not _native_cpu_amp(dtype):
+        needs = "AVX512-BF16 or AMX" if dtype == torch.bfloat16 else "AMX-FP16"
+        message = (
+            f"{label} autocast on this CPU is emulated (it lacks {needs}) and runs hundreds of times "
+            "slower than fp32, with no memory benefit worth it"
+        )
+        if not force:
+            raise ValueError(f"{message}. Leave amp off on this machine, or force it (--force-amp).")
+        warnings.warn(f"{message}; forced anyway.", RuntimeWarning, stacklevel=2)
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU does not support bf16; use --amp fp16.")
+    return dtype
+
+
+# -- the network side ------------------------------------------------------------------------------
+
+
+def _check_model(model: nn.Module, maps: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch model such as med3d_hub.create_model('resnet10'), got {type(model).__name__}")
+    needed = {"pooled": ("forward_features", "forward_head"), "layer4": ("forward_features",), "stages": ("forward_stages",)}
+    missing = [m for m in needed[maps] if not callable(getattr(model, m, None))]
+    if missing:
+        raise TypeError(
+            f"{type(model).__name__} lacks {', '.join(missing)}; pass a model from med3d_hub.create_model "
+            "(not one wrapped by torch.compile or DataParallel)."
+        )
+    in_chans = getattr(model, "in_chans", 1)
+    if in_chans != 1:
+        raise ValueError(
+            f"the model takes {in_chans} input channels, but volumes are read as one channel; "
+            "feed multi-channel inputs to the model yourself."
+        )
+
+
+def _prepare(model: nn.Module, device: torch.device, fast: bool) -> nn.Module:
+    """An eval-mode network on ``device``, never the caller's module changed in place."""
+    if fast:
+        from .optimize import optimize_for_inference
+
+        return optimize_for_inference(model).to(device)
+    net = copy.deepcopy(model) if (model.training or _device_of(model) != device) else model
+    return net.eval().to(device)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _forward(net: nn.Module, x: torch.Tensor, maps: str, amp_dtype: torch.dtype | None) -> list[Features]:
+    """One batch through the network; per-volume numpy float32 results, in batch order."""
+    autocast = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    with torch.inference_mode(), autocast:
+        if maps == "pooled":
+            out = net.forward_head(net.forward_features(x), pre_logits=True)
+            outs = {"": out}
+        elif maps == "layer4":
+            outs = {"": net.forward_features(x)}
+        else:
+            outs = dict(zip(STAGE_NAMES, net.forward_stages(x)[1:]))
+    arrays = {k: v.float().contiguous().cpu().numpy() for k, v in outs.items()}
+    if maps != "stages":
+        return list(arrays[""])
+    return [{k: a[i] for k, a in arrays.items()} for i in range(x.shape[0])]
+
+
+# -- the reading side ------------------------------------------------------------------------------
+
+
+def _input_name(item: Any, index: int) -> str:
+    if isinstance(item, Volume):
+        return item.source
+    if isinstance(item, (str, os.PathLike)):
+        return os.fspath(item)
+    return f"<array {index}>"
+
+
+def _as_transform(preprocess: Any, model: nn.Module) -> Callable[[Any], torch.Tensor]:
+    if preprocess is None:
+        return transforms_for(model)
+    if isinstance(preprocess, (Preprocess, Mapping)):
+        return transforms_for(preprocess)
+    if callable(preprocess):
+        return preprocess
+    raise TypeError(
+        f"preprocess must be a Preprocess, a preprocessing dict or a callable, got {type(preprocess).__name__}"
+    )
+
+
+def _finite_first(transform: Callable, nan_policy: str) -> Callable:
+    """``transform`` after a check of the input's voxels: NaN or infinite ones are an error, or zeros by request."""
+
+    def checked(source: Any) -> Any:
+        array = source.array if isinstance(source, Volume) else source
+        if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.inexact):
+            return transform(source)
+        bad = ~np.isfinite(array)
+        count = int(np.count_nonzero(bad))
+        if not count:
+            return transform(source)
+        if nan_policy == "error":
+            raise ValueError(
+                f"{count:,} of {array.size:,} voxels are NaN or infinite; fix the scan, or pass "
+                "--nan-policy zero (nan_policy='zero') to set them to 0"
+            )
+        array = np.where(bad, np.zeros((), array.dtype), array)
+        if isinstance(source, Volume):
+            return transform(Volume(array=array, spacing=source.spacing, affine=source.affine, source=source.source))
+        return transform(array)
+
+    return checked
+
+
+def _load(item: Any, name: str, transform: Callable) -> tuple[torch.Tensor | None, str | None]:
+    """Read and preprocess one input; an error becomes a message that names the input."""
+    try:
+        if isinstance(item, torch.Tensor):
+            item = item.detach().cpu().numpy()
+        source = item if isinstance(item, (Volume, np.ndarray)) else read_volume(item)
+        x = transform(source)
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[0] != 1:
+            raise ValueError(
+                f"the preprocessing returned {getattr(x, 'shape', type(x).__name__)}, "
+                "expected a (1, D, H, W) tensor"
+            )
+        return x.float(), None
+    except (OSError, ValueError) as err:  # FileNotFoundError, VolumeReadError, bad preprocessing
+        message = str(err)
+    except Exception as err:  # anything else a damaged file can raise deep in a reader
+        message = f"{type(err).__name__}: {err}"
+    return None, message if name in message else f"{name}: {message}"
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="scan", desc="features", dynamic_ncols=True, leave=False)
+
+
+def describe_preprocess(p: Preprocess) -> str:
+    """One line saying what a ``Preprocess`` does, for printouts."""
+    params = ", ".join(f"{k} {v:g}" for k, v in p.intensity.items() if k != "method")
+    return "; ".join([
+        f"resample to {' x '.join(f'{s:g}' for s in p.spacing)} mm" if p.spacing else "spacing kept",
+        "crop to non-zero voxels" if p.crop_foreground else "no crop",
+        p.intensity["method"] + (f" ({params})" if params else ""),
+        f"{p.size_mode} to {' x '.join(map(str, p.size))}" if p.size else "size kept",
+    ])
+
+
+# -- the public functions --------------------------------------------------------------------------
+
+
+def iter_features(
+    model: nn.Module,
+    inputs: Iterable[Input],
+    *,
+    preprocess: Preprocess | Mapping | Callable | None = None,
+    maps: str = "pooled",
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    amp: str | None = None,
+    force_amp: bool = False,
+    fast: bool = True,
+    workers: int = 1,
+    prefetch: int | None = None,
+    progress: bool = False,
+    nan_policy: str = "error",
+) -> Iterator[FeatureResult]:
+    """Yield one ``FeatureResult`` per input, in input order; failures are results, not exceptions.
+
+    Arguments are those of ``extract_features``; ``workers`` threads read and preprocess up to
+    ``prefetch`` volumes (default ``batch_size + 2``) ahead of the forward. Errors that concern the
+    whole run (a bad model, device or option) are raised before the first input is read.
+    """
+    maps = _check_maps(maps)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    _check_model(model, maps)
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}")
+    transform = _finite_first(_as_transform(preprocess, model), nan_policy)
+    device = resolve_device(device, model)
+    amp_dtype = check_amp(amp, device, force=force_amp)
+    items = _as_list(inputs)
+    names = [_input_name(item, i) for i, item in enumerate(items)]
+    return _run(model, items, names, transform, maps, batch_size, device, amp_dtype, fast, workers,
+                prefetch if prefetch is not None else batch_size + 2, progress)
+
+
+def _run(model, items, names, transform, maps, batch_size, device, amp_dtype, fast, workers, prefetch, progress):
+    net = _prepare(model, device, fast) if items else None
+    bar = _progress_bar(len(items), progress)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="med3d-read")
+    queue: deque = deque()
+    upcoming = iter(range(len(items)))
+    pending: list[tuple[int, torch.Tensor]] = []  # one batch of equal-shape volumes
+
+    def refill() -> None:
+        while len(queue) < max(prefetch, 1):
+            i = next(upcoming, None)
+            if i is None:
+                return
+            queue.append((i, pool.submit(_load, items[i], names[i], transform)))
+
+    def flush() -> Iterator[FeatureResult]:
+        if not pending:
+            return
+        x = torch.stack([t for _, t in pending])
+        x = x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+        shape = tuple(x.shape[2:])
+        for (i, _), feats in zip(pending, _forward(net, x, maps, amp_dtype)):
+            yield FeatureResult(i, names[i], features=feats, shape=shape)
+        pending.clear()
+
+    try:
+        refill()
+        while queue:
+            i, future = queue.popleft()
+            refill()  # keep the readers busy while this batch runs
+            tensor, error = future.result()
+            if error is not None:
+                done = list(flush())
+                done.append(FeatureResult(i, names[i], error=error))
+            else:
+                done = list(flush()) if pending and pending[0][1].shape != tensor.shape else []
+                pending.append((i, tensor))
+                if len(pending) == batch_size:
+                    done += list(flush())
+            for result in done:
+                if bar is not None:
+                    bar.update(1)
+                yield result
+        for result in flush():
+            if bar is not None:
+                bar.update(1)
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if bar is not None:
+            bar.close()
+
+
+def extract_features(
+    model: nn.Module,
+    inputs: Input | Iterable[Input],
+    *,
+    preprocess: Preprocess | Mapping | Callable | None = None,
+    maps: str = "pooled",
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    amp: str | None = None,
+    force_amp: bool = False,
+    fast: bool = True,
+    workers: int = 1,
+    progress: bool = False,
+    nan_policy: str = "error",
+) -> Features:
+    """Features of each input, stacked in input order.
+
+    Args:
+        model: a model from ``create_model`` (any head; its backbone is used).
+        inputs: paths (NIfTI, DICOM series folders, ``.npy``), ``Volume`` objects or (D, H, W)
+            arrays (taken at 1 mm); a single one is accepted too.
+        preprocess: None for the weights' own preprocessing (``transforms_for(model)``), or a
+            ``Preprocess``, a preprocessing dict, or any callable returning a (1, D, H, W) tensor.
+        maps: "pooled" -> (N, C) embeddings; "layer4" -> (N, C, d, h, w) maps (needs equal
+            preprocessed shapes, e.g. a fixed ``size``); "stages" -> a dict ``layer1..layer4`` of
+            stacked maps.
+        batch_size: volumes per forward (consecutive volumes of equal shape are batched).
+        device: "cpu", "cuda", "auto" or None (the model's device).
+        amp: None (fp32), "bf16" or "fp16" autocast; refused on a CPU without native support
+            unless ``force_amp``.
+        fast: run the BatchNorm-folded, channels_last_3d copy of the model (same outputs).
+        workers: threads that read and preprocess ahead of the forward.
+        progress: show a progress bar over the inputs (needs tqdm).
+        nan_policy: "error" (an input with NaN or infinite voxels fails, naming the count) or
+            "zero" (such voxels are set to 0 before preprocessing).
+
+    Raises ``FeatureExtractionError`` naming every input that failed (no partial result).
+    """
+    results = list(
+        iter_features(
+            model, inputs, preprocess=preprocess, maps=maps, batch_size=batch_size, device=device,
+            amp=amp, force_amp=force_amp, fast=fast, workers=workers, progress=progress, nan_policy=nan_policy,
+        )
+    )
+    failed = [(r.name, r.error) for r in results if not r.ok]
+    if failed:
+        raise FeatureExtractionError(failed, len(results))
+    return stack_results(results, maps)
+
+
+def stack_results(results: Sequence[FeatureResult], maps: str = "pooled") -> Features:
+    """Stack the features of successful results in their order (failed ones are left out)."""
+    maps = _check_maps(maps)
+    rows = [r.features for r in results if r.ok]
+    if maps == "stages":
+        if not rows:
+            return {k: np.empty((0,), np.float32) for k in STAGE_NAMES}
+        return {k: _stack([row[k] for row in rows], results, k) for k in rows[0]}
+    if not rows:
+        return np.empty((0,), np.float32)
+    return _stack(rows, results, maps)
+
+
+def _stack(rows: list[np.ndarray], results, what: str) -> np.ndarray:
+    shapes = {r.shape for r in rows}
+    if len(shapes) > 1:
+        sizes = sorted({r.shape for r in results if r.ok and r.shape})
+        raise ValueError(
+            f"the {what} maps differ in shape ({sorted(shapes)}) because the preprocessed volumes do "
+            f"({sizes}); set a fixed size, e.g. preprocess=transforms_for(model, size=(56, 224, 224)), "
+            "or use maps='pooled'."
+        )
+    return np.stack(rows)
+
+
+def _check_maps(maps: str) -> str:
+    if maps not in MAPS:
+        raise ValueError(f"unknown maps {maps!r}; choose one of {', '.join(MAPS)}.")
+    return maps
+
+
+def _as_list(inputs: Any) -> list:
+    if isinstance(inputs, (str, os.PathLike, Volume, torch.Tensor)):
+        return [inputs]
+    if isinstance(inputs, np.ndarray):
+        if inputs.ndim == 3:
+            return [inputs]
+        if inputs.ndim == 4:
+            return list(inputs)
+        raise ValueError(f"an array input must be one (D, H, W) volume or an (N, D, H, W) stack, got {inputs.shape}")
+    try:
+        return list(inputs)
+    except TypeError:
+        raise TypeError(f"inputs must be paths, Volumes or arrays (or a list of them), got {type(inputs).__name__}") from None
+
+
+# -- writing -----------------------------------------------------------------------------------------
+
+
+def save_features(path: str | os.PathLike, features: Features, names: Sequence[str] | None = None,
+                  provenance: Mapping[str, Any] | None = None) -> Path:
+    """Write features atomically; the format follows the suffix.
+
+    ``.npy``: the array alone. ``.npz``: ``features`` (or ``layer1..layer4`` for stage maps),
+    ``files``, the input names, row for row, and ``provenance``, a JSON object saying how the
+    features were made (see ``med3d_hub.feature_scores.feature_provenance``). ``.csv`` /
+    ``.parquet``: pooled (N, C) features only, one row per input with a ``file`` column then
+    ``f0 .. f{C-1}``. Only ``.npz`` keeps the provenance.
+    """
+    path = Path(path)
+    suffix = _output_suffix(path)
+    n = len(next(iter(features.values()))) if isinstance(features, dict) else len(features)
+    if names is not None and len(names) != n:
+        raise ValueError(f"{len(names)} names for {n} rows of features")
+    names = list(names) if names is not None else [str(i) for i in range(n)]
+    if isinstance(features, dict) and suffix != ".npz":
+        raise ValueError(f"stage maps are several arrays; write them to a .npz file, not {suffix}")
+    if suffix in (".csv", ".parquet") and np.ndim(features) != 2:
+        raise ValueError(
+            f"{suffix} holds one row per input, so only pooled (N, C) features fit; "
+            f"these have shape {np.shape(features)}: write .npy or .npz"
+        )
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
+    if suffix == ".parquet":
+        _parquet_libraries()
+
+    def write(handle) -> None:
+        if suffix == ".npy":
+            np.save(handle, np.asarray(features), allow_pickle=False)
+        elif suffix == ".npz":
+            arrays = dict(features) if isinstance(features, dict) else {"features": np.asarray(features)}
+            if provenance is not None:
+                arrays["provenance"] = np.array(json.dumps(provenance, sort_keys=True))
+            np.savez(handle, files=np.array(names, dtype=str), **arrays)
+        elif suffix == ".csv":
+            _write_csv(handle, np.asarray(features), names)
+        else:
+            _parquet_frame(np.asarray(features), names).to_parquet(handle, index=False)
+
+    write_atomically(path, write)
+    return path
+
+
+@dataclass(frozen=True, eq=False)
+class SavedFeatures:
+    """Features read back from a file: the (N, C) array, the input names and the provenance (or None)."""
+
+    features: np.ndarray
+    names: list[str]
+    provenance: dict | None
+    path: Path
+
+
+def load_features(path: str | os.PathLike) -> SavedFeatures:
+    """Read pooled features written by ``save_features`` (``.npz`` or ``.npy``); nothing is unpickled."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".npz", ".npy"):
+        raise ValueError(f"{path}: read features from the .npz (or .npy) that `med3d features` writes, not {suffix or 'this file'}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such features file")
+    try:
+        if suffix == ".npy":
+            return SavedFeatures(np.load(path, allow_pickle=False), [], None, path)
+        with np.load(path, allow_pickle=False) as data:
+            if "features" not in data:
+                raise ValueError(f"{path}: no 'features' array (stage maps? write pooled features for scoring)")
+            features = data["features"]
+            names = [str(n) for n in data["files"]] if "files" in data else []
+            provenance = json.loads(str(data["provenance"])) if "provenance" in data else None
+    except (OSError, ValueError, KeyError) as err:
+        if str(path) in str(err):
+            raise
+        raise ValueError(f"{path}: not a readable features file ({err})") from None
+    return SavedFeatures(features, names, provenance, path)
+
+
+def check_output(path: str | os.PathLike, maps: str = "pooled", inputs: Iterable[Any] = ()) -> Path:
+    """Check before a long run that ``path`` can take these features: type, folder, writable, not an input, libraries.
+
+    Also removes temporary files an interrupted write to ``path`` left behind (see ``write_atomically``).
+    """
+    path = Path(path)
+    for item in inputs:
+        if isinstance(item, (str, os.PathLike)) and _same_file(path, Path(item)):
+            raise ValueError(f"the output {path} is the input {os.fspath(item)}: writing it would destroy the scan; "
+                             "choose another output file")
+    suffix = _output_suffix(path)
+    if maps == "stages" and suffix != ".npz":
+        raise ValueError(f"--maps stages gives several arrays; write them to a .npz file, not {suffix}")
+    if maps != "pooled" and suffix in (".csv", ".parquet"):
+        raise ValueError(f"{suffix} holds one row per input, so only pooled features fit; write .npy or .npz")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a folder; give a file name such as {path / 'features.npz'}")
+    try:
+        with tempfile.TemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as error:
+        raise PermissionError(f"cannot write {path}: the folder {path.parent} is not writable ({error.strerror or error})") from None
+    _remove_stale_temporaries(path)
+    if suffix == ".parquet":
+        _parquet_libraries()
+    return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file, through links and relative parts (False when either does not exist)."""
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+STALE_OUTPUT_S = 3600.0  # a temporary output untouched this long was left by a killed run
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove ``.<name>.*.tmp`` files next to ``path`` that a killed run left (untouched for an hour)."""
+    import glob
+    import time
+
+    cutoff = time.time() - STALE_OUTPUT_S
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if leftover.is_file() and leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
+
+
+def _output_suffix(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise ValueError(f"unknown output type {path.name!r}; use one of {', '.join(OUTPUT_FORMATS)}")
+    return suffix
+
+
+def _parquet_libraries():
+    try:
+        import pandas as pd
+        import pyarrow  # noqa: F401  (pandas' parquet engine)
+    except ImportError as err:
+        raise ValueError(
+            f"writing .parquet needs pandas and pyarrow ({err.name} is missing): "
+            "pip install pandas pyarrow, or write .npz or .csv"
+        ) from None
+    return pd
+
+
+def _write_csv(handle, features: np.ndarray, names: list[str]) -> None:
+    import csv
+    import io
+
+    text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
+    writer = csv.writer(text)
+    writer.writerow(["file", *(f"f{j}" for j in range(features.shape[1]))])
+    for name, row in zip(names, features):
+        writer.writerow([name, *(repr(float(v)) for v in row)])  # repr: exact float round trip
+    text.flush()
+    text.detach()
+
+
+def _parquet_frame(features: np.ndarray, names: list[str]):
+    pd = _parquet_libraries()
+    frame = pd.DataFrame(features, columns=[f"f{j}" for j in range(features.shape[1])])
+    frame.insert(0, "file", names)
+    return frame
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_atomically(path: str | os.PathLike, write: Callable) -> None:
+    """Call ``write(binary_handle)`` on a temporary file next to ``path``, then rename it into place.
+
+    Readers never see a half-written file, and a failure leaves the previous file untouched.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the usual mode
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,35 @@
+"""Model names: listing and checking them never builds a network (that is `weights.factory`).
+
+A name is `resnet{depth}`, optionally followed by a weights tag: `resnet50.3dseg8`. The
+architecture table lives in `networks.resnet.ARCHITECTURES`; listing models never builds one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+
+from .resnet import ARCHITECTURES, Med3DResNet
+
+MODEL_ARGS = frozenset(inspect.signature(Med3DResNet.__init__).parameters) - {"self", "block", "layers"}
+FEATURE_ARGS = frozenset({"features_only", "out_indices"})
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Model names, in order of depth; `pattern` is an fnmatch pattern such as `"resnet1*"`."""
+    names = list(ARCHITECTURES)
+    return names if pattern is None else [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """`"resnet50.3dseg8"` -> `("resnet50", "3dseg8")`; raises a helpful error for unknown names."""
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a string such as 'resnet50', got {type(name).__name__}")
+    arch, _, tag = name.partition(".")
+    if arch not in ARCHITECTURES:
+        close = difflib.get_close_matches(arch, list(ARCHITECTURES), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        depths = ", ".join(n.removeprefix("resnet") for n in ARCHITECTURES)
+        raise ValueError(f"unknown model {name!r}: Med3D ResNets come in depths {depths} (names resnet10 ... resnet200).{hint}")
+    return arch, (tag or None)
