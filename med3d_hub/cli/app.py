@@ -27,18 +27,21 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .. import __version__
+from ..errors import (
+    EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_PUBLISH_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, Med3DError,
+    exit_code,
+)
 
-EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 70, 130
-EXIT_PUBLISH_FAILED = 4
+EXIT_FAILED_INPUTS = EXIT_FAILED  # some inputs failed; the others were written
 PROG = "med3d"
 
 
-class UserError(Exception):
-    """An error the user can fix; printed as one line without a traceback."""
+class UserError(Med3DError):
+    """An error in the command's arguments; printed as one line without a traceback."""
 
     def __init__(self, message: str, code: int = EXIT_USAGE):
         super().__init__(message)
-        self.code = code
+        self.exit_code = code
 
 
 # -- output helpers ---------------------------------------------------------------------------------
@@ -720,19 +723,13 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """``finetune seg|cls``: the options are ``med3d_hub.cli.finetune``'s; errors keep their lines."""
-    from ..training.checkpoint import CheckpointError
-    from ..training.config import ConfigError
-    from ..training.data import DataError
     from .finetune import run
 
     try:
         return int(run(args) or 0)
-    except (ConfigError, DataError, CheckpointError) as err:
+    except Med3DError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except FloatingPointError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return EXIT_FAILED_INPUTS
+        return err.exit_code
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -1076,13 +1073,6 @@ def _configure_logging(quiet: bool, debug: bool):
     return restore
 
 
-def _user_error_types() -> tuple[type, ...]:
-    from ..inference.features import FeatureExtractionError
-    from ..weights.checkpoints import CheckpointMismatchError
-
-    return (UserError, ValueError, OSError, FeatureExtractionError, CheckpointMismatchError)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``med3d`` with ``argv`` (default: the command line); returns the exit code."""
     parser = build_parser()
@@ -1129,31 +1119,23 @@ def _silence_download_bars():
 
 
 def _report(err: BaseException, debug: bool, command: str | None = None) -> int:
+    """Print an error the way its kind asks for (errors.exit_code is the table) and return the exit code."""
     from ..weights.hub import HubUnreachableError
-
-    from ..publishing.publish import PublishError, PublishRefused
 
     if debug:
         from ..weights.hub import redact
 
         print(redact("".join(traceback.format_exception(err))), file=sys.stderr, end="")
-    if isinstance(err, HubUnreachableError) and command == "publish":
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    if isinstance(err, HubUnreachableError):
+    code = exit_code(err)
+    if isinstance(err, HubUnreachableError) and command != "publish":
         print(unreachable_message(err, command), file=sys.stderr)
-        return EXIT_UNREACHABLE
-    if isinstance(err, PublishError):
+    elif code != EXIT_INTERNAL:
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(err, PublishRefused) else EXIT_PUBLISH_FAILED
-    if isinstance(err, _user_error_types()):
-        code = err.code if isinstance(err, UserError) else EXIT_USAGE
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
-        return code
-    print(f"{PROG}: internal error: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
-    if not debug:
-        print(f"{PROG}: this is a bug; rerun with --debug and report the traceback", file=sys.stderr)
-    return EXIT_INTERNAL
+    else:
+        print(f"{PROG}: internal error: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
+        if not debug:
+            print(f"{PROG}: this is a bug; rerun with --debug and report the traceback", file=sys.stderr)
+    return code
 
 
 _RANDOM_WAY_OUT = {

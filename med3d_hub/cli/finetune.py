@@ -8,8 +8,6 @@ recipe (its learning rate becomes the paper's 1e-2 unless ``--lr`` is given).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 __all__ = ["add_arguments", "build_config", "main", "parser", "run"]
 
@@ -140,19 +138,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Entry point of ``python -m med3d_hub.finetune``; returns the exit status."""
-    args = parser(prog).parse_args(argv)
-    from ..training.checkpoint import CheckpointError
-    from ..training.config import ConfigError
-    from ..training.data import DataError
+    from .train import run_reporting_user_errors
 
-    is_main = int(os.environ.get("RANK", "0") or 0) == 0
-    try:
-        return run(args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
-        if is_main:
-            print(f"med3d: error: {err}", file=sys.stderr)
-        return 2
-    except FloatingPointError as err:
-        if is_main:
-            print(f"med3d: error: {err}", file=sys.stderr)
-        return 1
+    args = parser(prog).parse_args(argv)
+    return run_reporting_user_errors(lambda: run(args))

@@ -13,7 +13,9 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Callable
 
+from ..errors import exit_code, is_user_error
 from ..training.config import ConfigError, TaskConfig, TrainConfig, load_config
 
 __all__ = ["build_config", "main", "parser"]
@@ -133,20 +135,23 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Entry point of ``med3d train`` and ``python -m med3d_hub.train``; returns the exit status."""
     args = parser(prog).parse_args(argv)
-    from ..training.checkpoint import CheckpointError
-    from ..training.data import DataError
 
-    is_main = int(os.environ.get("RANK", "0") or 0) == 0
-    try:
-        cfg = build_config(args)
+    def run() -> int:
         from ..training.engine import train
 
-        return train(cfg, resume=args.resume, quiet=args.quiet)
-    except (ConfigError, DataError, CheckpointError) as err:
-        if is_main:
+        return train(build_config(args), resume=args.resume, quiet=args.quiet)
+
+    return run_reporting_user_errors(run)
+
+
+def run_reporting_user_errors(run: Callable[[], int]) -> int:
+    """Run a training entry point: a user's error (errors.exit_code) is one line on rank 0 and its
+    exit code; anything else is a bug and keeps its traceback."""
+    try:
+        return run()
+    except Exception as err:  # noqa: BLE001 - the error table decides
+        if not is_user_error(err):
+            raise
+        if int(os.environ.get("RANK", "0") or 0) == 0:
             print(f"med3d: error: {err}", file=sys.stderr)
-        return 2
-    except FloatingPointError as err:
-        if is_main:
-            print(f"med3d: error: {err}", file=sys.stderr)
-        return 1
+        return exit_code(err)
