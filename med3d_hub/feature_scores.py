@@ -23,6 +23,7 @@ from torch import nn
 
 from . import __version__
 from .data.preprocess import Preprocess
+from .errors import UsageError
 from .inference import metrics
 from .inference.features import FeatureExtractionError, iter_features, load_features
 
@@ -170,7 +171,7 @@ def split_sets(inputs: Sequence[str]) -> list[list[str]]:
     folders, as a shell writes ``real/*.nii.gz synthetic/*.nii.gz``, grouped by folder in order.
     """
     if len(inputs) < 2:
-        raise ValueError("give two sets: two folders of scans, two features files (.npz), or real/*.nii.gz fake/*.nii.gz")
+        raise UsageError("give two sets: two folders of scans, two features files (.npz), or real/*.nii.gz fake/*.nii.gz")
     if len(inputs) == 2:
         return [[inputs[0]], [inputs[1]]]
     groups: list[list[str]] = []
@@ -182,7 +183,7 @@ def split_sets(inputs: Sequence[str]) -> list[list[str]]:
             groups.append([item])
     if len(groups) != 2:
         folders = [os.path.dirname(os.path.normpath(g[0])) or "." for g in groups]
-        raise ValueError(
+        raise UsageError(
             f"{len(inputs)} inputs fall into {len(groups)} runs of folders ({', '.join(folders[:5])}), not 2; "
             "put each set in its own folder and give the two folders"
         )
@@ -214,7 +215,7 @@ def expand_scans(items: Sequence[str]) -> list[str]:
             inside = sorted(p for p in path.iterdir()
                             if (p.is_file() and p.name.lower().endswith(SCAN_SUFFIXES)) or (p.is_dir() and _is_dicom_series(p)))
             if not inside:
-                raise ValueError(f"{item}: no scans inside (looked for {', '.join(SCAN_SUFFIXES)} files and DICOM folders)")
+                raise UsageError(f"{item}: no scans inside (looked for {', '.join(SCAN_SUFFIXES)} files and DICOM folders)")
             scans += [str(p) for p in inside]
         else:
             scans.append(item)
@@ -233,7 +234,7 @@ def read_feature_file(path: str) -> FeatureSet:
     """A features file written by ``med3d features`` (pooled, 2-D)."""
     saved = load_features(path)
     if saved.features.ndim != 2:
-        raise ValueError(f"{path}: features of shape {saved.features.shape}; scoring needs pooled (N, C) features")
+        raise UsageError(f"{path}: features of shape {saved.features.shape}; scoring needs pooled (N, C) features")
     return FeatureSet(str(path), saved.features, saved.names, saved.provenance)
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import Med3DError, MissingFileError, UsageError
+
 __all__ = ["MAX_VOXELS_ENV", "Volume", "VolumeReadError", "max_voxels", "read_volume"]
 
 MAX_VOXELS_ENV = "MED3D_MAX_VOXELS"
@@ -43,7 +45,7 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _FORMATS = "a NIfTI file (.nii, .nii.gz), a folder holding one DICOM series, or a 3-D .npy array"
 
 
-class VolumeReadError(ValueError):
+class VolumeReadError(Med3DError, ValueError):
     """A volume could not be read or is not a usable 3-D image; the message names the file."""
 
 
@@ -77,7 +79,7 @@ def read_volume(path: str | Path, *, channel: int | None = None) -> Volume:
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder; pass {_FORMATS}.")
+        raise MissingFileError(f"{path}: no such file or folder; pass {_FORMATS}.")
     name = path.name.lower()
     if channel is not None and not name.endswith((".nii", ".nii.gz")):
         raise VolumeReadError(f"{path}: channel={channel} applies to 4-D NIfTI images only.")
@@ -106,7 +108,7 @@ def max_voxels() -> int:
     except ValueError:
         value = 0
     if value < 1:
-        raise ValueError(f"{MAX_VOXELS_ENV}={raw!r} must be a positive whole number of voxels")
+        raise UsageError(f"{MAX_VOXELS_ENV}={raw!r} must be a positive whole number of voxels")
     return value
 
 

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import UsageError
 from .io import Volume
 
 __all__ = ["PAPER_PREPROCESS", "Preprocess", "transforms_for"]
@@ -83,15 +84,15 @@ class Preprocess:
         set_(self, "size", _triple(self.size, "size", int))
         set_(self, "intensity", _check_intensity(self.intensity))
         if not isinstance(self.crop_foreground, bool):
-            raise ValueError(f"crop_foreground must be true or false, got {self.crop_foreground!r}.")
+            raise UsageError(f"crop_foreground must be true or false, got {self.crop_foreground!r}.")
         if self.size_mode not in _SIZE_MODES:
-            raise ValueError(f"unknown size_mode {self.size_mode!r}; allowed: {', '.join(_SIZE_MODES)}.")
+            raise UsageError(f"unknown size_mode {self.size_mode!r}; allowed: {', '.join(_SIZE_MODES)}.")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Preprocess:
         """Build from a manifest dict; missing keys take the defaults, unknown keys are errors."""
         if not isinstance(d, Mapping):
-            raise ValueError(f"a preprocessing description must be a dict, got {type(d).__name__}.")
+            raise UsageError(f"a preprocessing description must be a dict, got {type(d).__name__}.")
         _check_keys(d)
         return cls(**d)
 
@@ -122,7 +123,7 @@ class Preprocess:
                 "read files with med3d_hub.data.io.read_volume."
             )
         if array.ndim != 3 or 0 in array.shape:
-            raise ValueError(f"expected a non-empty 3-D (D, H, W) volume, got shape {array.shape}.")
+            raise UsageError(f"expected a non-empty 3-D (D, H, W) volume, got shape {array.shape}.")
         # The one copy: float32, C order, owned by us, so later steps may work in place.
         x = torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
 
@@ -147,7 +148,7 @@ def transforms_for(model_or_cfg: Any = None, **overrides: Any) -> Preprocess:
     returned. ``overrides`` change single steps, e.g. ``transforms_for(model, size=None)``.
     """
     if isinstance(model_or_cfg, str):
-        raise ValueError(
+        raise UsageError(
             f"transforms_for got the string {model_or_cfg!r}; pass the model itself, its "
             "pretrained_cfg or a preprocessing dict."
         )
@@ -167,7 +168,7 @@ def _check_keys(d: Mapping[str, Any]) -> None:
     allowed = [f.name for f in dataclasses.fields(Preprocess)]
     unknown = [k for k in d if k not in allowed]
     if unknown:
-        raise ValueError(
+        raise UsageError(
             f"unknown preprocessing key(s) {', '.join(map(repr, unknown))}; "
             f"allowed: {', '.join(allowed)}."
         )
@@ -187,7 +188,7 @@ def _triple(value: Any, name: str, kind: type) -> tuple | None:
         ok = False
     if not ok:
         what = "positive integers" if kind is int else "positive numbers (mm)"
-        raise ValueError(f"{name} must be null or three {what} for D, H, W; got {value!r}.")
+        raise UsageError(f"{name} must be null or three {what} for D, H, W; got {value!r}.")
     return tuple(numbers)
 
 
@@ -196,17 +197,17 @@ def _check_intensity(spec: Any) -> dict:
     if isinstance(spec, str):
         spec = {"method": spec}
     if not isinstance(spec, Mapping) or "method" not in spec:
-        raise ValueError(f"intensity must be a dict with a 'method' key, got {spec!r}.")
+        raise UsageError(f"intensity must be a dict with a 'method' key, got {spec!r}.")
     method = spec["method"]
     if method not in _INTENSITY_PARAMS:
-        raise ValueError(
+        raise UsageError(
             f"unknown intensity method {method!r}; allowed: {', '.join(_INTENSITY_PARAMS)}."
         )
     params = _INTENSITY_PARAMS[method]
     unknown = [k for k in spec if k != "method" and k not in params]
     if unknown:
         allowed = ", ".join(params) or "none"
-        raise ValueError(
+        raise UsageError(
             f"unknown parameter(s) {', '.join(map(repr, unknown))} for intensity method "
             f"{method!r}; allowed: {allowed}."
         )
@@ -214,17 +215,17 @@ def _check_intensity(spec: Any) -> dict:
     for key, default in params.items():
         value = spec.get(key, default)
         if value is None:
-            raise ValueError(f"intensity method {method!r} needs {key!r}.")
+            raise UsageError(f"intensity method {method!r} needs {key!r}.")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-            raise ValueError(f"intensity {key!r} must be a finite number, got {value!r}.")
+            raise UsageError(f"intensity {key!r} must be a finite number, got {value!r}.")
         out[key] = float(value)
     low, high = {"percentile_zscore": ("lower", "upper"), "hu_window": ("min", "max")}.get(
         method, (None, None)
     )
     if low is not None and not out[low] < out[high]:
-        raise ValueError(f"intensity {low!r} must be below {high!r}, got {out[low]} and {out[high]}.")
+        raise UsageError(f"intensity {low!r} must be below {high!r}, got {out[low]} and {out[high]}.")
     if method == "percentile_zscore" and not (0 <= out["lower"] and out["upper"] <= 100):
-        raise ValueError(f"percentiles must lie in [0, 100], got {out['lower']} and {out['upper']}.")
+        raise UsageError(f"percentiles must lie in [0, 100], got {out['lower']} and {out['upper']}.")
     return out
 
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..data.io import Volume, VolumeReadError, read_volume
 from ..data.preprocess import Preprocess, transforms_for
+from ..errors import MissingFileError, UsageError
 from .features import describe_preprocess, iter_features, save_features, write_atomically
 
 __all__ = ["CRANIUM_INV3", "DEFAULT_SCANS", "DemoResult", "load_scan", "read_inv3", "run_demo", "save_picture"]
@@ -75,7 +76,7 @@ def read_inv3(path: str | os.PathLike) -> Volume:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such InVesalius project file")
+        raise MissingFileError(f"{path}: no such InVesalius project file")
     try:
         with tarfile.open(path, "r:*") as tar:
             members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
@@ -121,7 +122,7 @@ def _mni152() -> Volume:
     try:
         import nilearn.datasets as datasets
     except ImportError:
-        raise ValueError("the demo's MRI comes with nilearn: pip install 'med3d-hub[demo]'") from None
+        raise UsageError("the demo's MRI comes with nilearn: pip install 'med3d-hub[demo]'") from None
     path = getattr(datasets, "MNI152_FILE_PATH", None)
     if path and Path(path).is_file():
         return read_volume(path)
@@ -202,7 +203,7 @@ def run_demo(
             _run_one(model, scan, preprocess, out_dir, model_name, weights, random_weights, device, amp, force_amp, echo)
         )
     if not results:
-        raise ValueError("no scan to run on: pass --scan mni or a path to a scan")
+        raise UsageError("no scan to run on: pass --scan mni or a path to a scan")
 
     if len(results) == 2:
         a, b = (r.embedding for r in results)

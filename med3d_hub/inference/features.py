@@ -45,6 +45,7 @@ from torch import nn
 
 from ..data.io import Volume, read_volume
 from ..data.preprocess import Preprocess, transforms_for
+from ..errors import Med3DError, MissingFileError, UsageError
 
 __all__ = [
     "MAPS",
@@ -74,7 +75,7 @@ Input = Union[str, os.PathLike, Volume, np.ndarray]
 Features = Union[np.ndarray, dict]
 
 
-class FeatureExtractionError(RuntimeError):
+class FeatureExtractionError(Med3DError, RuntimeError):
     """Some inputs could not be read or processed; ``failures`` lists ``(name, message)`` pairs."""
 
     def __init__(self, failures: Sequence[tuple[str, str]], total: int):
@@ -114,14 +115,14 @@ def resolve_device(device: str | torch.device | None, model: nn.Module | None = 
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto.") from err
+        raise UsageError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto.") from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
+        raise UsageError(
             "device cuda was asked for, but torch sees no CUDA GPU (CPU-only build, no driver, or "
             "CUDA_VISIBLE_DEVICES is empty); use --device cpu."
         )
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device} is not supported here; use cpu or cuda.")
+        raise UsageError(f"device {device} is not supported here; use cpu or cuda.")
     return device
 
 
@@ -153,7 +154,7 @@ def check_amp(amp: str | None, device: torch.device, *, force: bool = False) -> 
     if amp in (None, False, "none", "fp32", "off"):
         return None
     if amp not in _AMP_DTYPES:
-        raise ValueError(f"unknown amp {amp!r}; use bf16 or fp16 (or leave it off for fp32).")
+        raise UsageError(f"unknown amp {amp!r}; use bf16 or fp16 (or leave it off for fp32).")
     dtype = _AMP_DTYPES[amp]
     label = "bf16" if dtype == torch.bfloat16 else "fp16"
     if device.type == "cpu" and not _native_cpu_amp(dtype):
@@ -163,10 +164,10 @@ def check_amp(amp: str | None, device: torch.device, *, force: bool = False) -> 
             "slower than fp32, with no memory benefit worth it"
         )
         if not force:
-            raise ValueError(f"{message}. Leave amp off on this machine, or force it (--force-amp).")
+            raise UsageError(f"{message}. Leave amp off on this machine, or force it (--force-amp).")
         warnings.warn(f"{message}; forced anyway.", RuntimeWarning, stacklevel=2)
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise ValueError("this GPU does not support bf16; use --amp fp16.")
+        raise UsageError("this GPU does not support bf16; use --amp fp16.")
     return dtype
 
 
@@ -185,7 +186,7 @@ def _check_model(model: nn.Module, maps: str) -> None:
         )
     in_chans = getattr(model, "in_chans", 1)
     if in_chans != 1:
-        raise ValueError(
+        raise UsageError(
             f"the model takes {in_chans} input channels, but volumes are read as one channel; "
             "feed multi-channel inputs to the model yourself."
         )
@@ -258,7 +259,7 @@ def _finite_first(transform: Callable, nan_policy: str) -> Callable:
         if not count:
             return transform(source)
         if nan_policy == "error":
-            raise ValueError(
+            raise UsageError(
                 f"{count:,} of {array.size:,} voxels are NaN or infinite; fix the scan, or pass "
                 "--nan-policy zero (nan_policy='zero') to set them to 0"
             )
@@ -278,7 +279,7 @@ def _load(item: Any, name: str, transform: Callable) -> tuple[torch.Tensor | Non
         source = item if isinstance(item, (Volume, np.ndarray)) else read_volume(item)
         x = transform(source)
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[0] != 1:
-            raise ValueError(
+            raise UsageError(
                 f"the preprocessing returned {getattr(x, 'shape', type(x).__name__)}, "
                 "expected a (1, D, H, W) tensor"
             )
@@ -338,12 +339,12 @@ def iter_features(
     """
     maps = _check_maps(maps)
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+        raise UsageError(f"workers must be an integer >= 1, got {workers!r}")
     _check_model(model, maps)
     if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}")
+        raise UsageError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}")
     transform = _finite_first(_as_transform(preprocess, model), nan_policy)
     device = resolve_device(device, model)
     amp_dtype = check_amp(amp, device, force=force_amp)
@@ -473,7 +474,7 @@ def _stack(rows: list[np.ndarray], results, what: str) -> np.ndarray:
     shapes = {r.shape for r in rows}
     if len(shapes) > 1:
         sizes = sorted({r.shape for r in results if r.ok and r.shape})
-        raise ValueError(
+        raise UsageError(
             f"the {what} maps differ in shape ({sorted(shapes)}) because the preprocessed volumes do "
             f"({sizes}); set a fixed size, e.g. preprocess=transforms_for(model, size=(56, 224, 224)), "
             "or use maps='pooled'."
@@ -483,7 +484,7 @@ def _stack(rows: list[np.ndarray], results, what: str) -> np.ndarray:
 
 def _check_maps(maps: str) -> str:
     if maps not in MAPS:
-        raise ValueError(f"unknown maps {maps!r}; choose one of {', '.join(MAPS)}.")
+        raise UsageError(f"unknown maps {maps!r}; choose one of {', '.join(MAPS)}.")
     return maps
 
 
@@ -495,7 +496,7 @@ def _as_list(inputs: Any) -> list:
             return [inputs]
         if inputs.ndim == 4:
             return list(inputs)
-        raise ValueError(f"an array input must be one (D, H, W) volume or an (N, D, H, W) stack, got {inputs.shape}")
+        raise UsageError(f"an array input must be one (D, H, W) volume or an (N, D, H, W) stack, got {inputs.shape}")
     try:
         return list(inputs)
     except TypeError:
@@ -519,17 +520,17 @@ def save_features(path: str | os.PathLike, features: Features, names: Sequence[s
     suffix = _output_suffix(path)
     n = len(next(iter(features.values()))) if isinstance(features, dict) else len(features)
     if names is not None and len(names) != n:
-        raise ValueError(f"{len(names)} names for {n} rows of features")
+        raise UsageError(f"{len(names)} names for {n} rows of features")
     names = list(names) if names is not None else [str(i) for i in range(n)]
     if isinstance(features, dict) and suffix != ".npz":
-        raise ValueError(f"stage maps are several arrays; write them to a .npz file, not {suffix}")
+        raise UsageError(f"stage maps are several arrays; write them to a .npz file, not {suffix}")
     if suffix in (".csv", ".parquet") and np.ndim(features) != 2:
-        raise ValueError(
+        raise UsageError(
             f"{suffix} holds one row per input, so only pooled (N, C) features fit; "
             f"these have shape {np.shape(features)}: write .npy or .npz"
         )
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
+        raise MissingFileError(f"cannot write {path}: the folder {path.parent} does not exist")
     if suffix == ".parquet":
         _parquet_libraries()
 
@@ -565,22 +566,22 @@ def load_features(path: str | os.PathLike) -> SavedFeatures:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".npz", ".npy"):
-        raise ValueError(f"{path}: read features from the .npz (or .npy) that `med3d features` writes, not {suffix or 'this file'}")
+        raise UsageError(f"{path}: read features from the .npz (or .npy) that `med3d features` writes, not {suffix or 'this file'}")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such features file")
+        raise MissingFileError(f"{path}: no such features file")
     try:
         if suffix == ".npy":
             return SavedFeatures(np.load(path, allow_pickle=False), [], None, path)
         with np.load(path, allow_pickle=False) as data:
             if "features" not in data:
-                raise ValueError(f"{path}: no 'features' array (stage maps? write pooled features for scoring)")
+                raise UsageError(f"{path}: no 'features' array (stage maps? write pooled features for scoring)")
             features = data["features"]
             names = [str(n) for n in data["files"]] if "files" in data else []
             provenance = json.loads(str(data["provenance"])) if "provenance" in data else None
     except (OSError, ValueError, KeyError) as err:
         if str(path) in str(err):
             raise
-        raise ValueError(f"{path}: not a readable features file ({err})") from None
+        raise UsageError(f"{path}: not a readable features file ({err})") from None
     return SavedFeatures(features, names, provenance, path)
 
 
@@ -592,15 +593,15 @@ def check_output(path: str | os.PathLike, maps: str = "pooled", inputs: Iterable
     path = Path(path)
     for item in inputs:
         if isinstance(item, (str, os.PathLike)) and _same_file(path, Path(item)):
-            raise ValueError(f"the output {path} is the input {os.fspath(item)}: writing it would destroy the scan; "
+            raise UsageError(f"the output {path} is the input {os.fspath(item)}: writing it would destroy the scan; "
                              "choose another output file")
     suffix = _output_suffix(path)
     if maps == "stages" and suffix != ".npz":
-        raise ValueError(f"--maps stages gives several arrays; write them to a .npz file, not {suffix}")
+        raise UsageError(f"--maps stages gives several arrays; write them to a .npz file, not {suffix}")
     if maps != "pooled" and suffix in (".csv", ".parquet"):
-        raise ValueError(f"{suffix} holds one row per input, so only pooled features fit; write .npy or .npz")
+        raise UsageError(f"{suffix} holds one row per input, so only pooled features fit; write .npy or .npz")
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
+        raise MissingFileError(f"cannot write {path}: the folder {path.parent} does not exist")
     if path.is_dir():
         raise IsADirectoryError(f"cannot write {path}: it is a folder; give a file name such as {path / 'features.npz'}")
     try:
@@ -640,7 +641,7 @@ def _remove_stale_temporaries(path: Path) -> None:
 def _output_suffix(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix not in OUTPUT_FORMATS:
-        raise ValueError(f"unknown output type {path.name!r}; use one of {', '.join(OUTPUT_FORMATS)}")
+        raise UsageError(f"unknown output type {path.name!r}; use one of {', '.join(OUTPUT_FORMATS)}")
     return suffix
 
 
@@ -649,7 +650,7 @@ def _parquet_libraries():
         import pandas as pd
         import pyarrow  # noqa: F401  (pandas' parquet engine)
     except ImportError as err:
-        raise ValueError(
+        raise UsageError(
             f"writing .parquet needs pandas and pyarrow ({err.name} is missing): "
             "pip install pandas pyarrow, or write .npz or .csv"
         ) from None

@@ -33,6 +33,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..errors import UsageError
+
 __all__ = [
     "KID",
     "MeanCovariance",
@@ -62,12 +64,12 @@ class KID(NamedTuple):
 def _as_features(x, name: str) -> np.ndarray:
     array = np.asarray(x)
     if array.ndim != 2:
-        raise ValueError(f"{name}: expected an (N, D) array of feature vectors, got shape {array.shape}")
+        raise UsageError(f"{name}: expected an (N, D) array of feature vectors, got shape {array.shape}")
     if not np.issubdtype(array.dtype, np.number):
-        raise ValueError(f"{name}: expected numbers, got {array.dtype}")
+        raise UsageError(f"{name}: expected numbers, got {array.dtype}")
     if not np.isfinite(array).all():
         bad = int((~np.isfinite(array).all(axis=1)).sum())
-        raise ValueError(f"{name}: {bad} row(s) hold NaN or infinity; remove or recompute those volumes")
+        raise UsageError(f"{name}: {bad} row(s) hold NaN or infinity; remove or recompute those volumes")
     return array
 
 
@@ -88,7 +90,7 @@ class MeanCovariance:
         """Add the rows of an (N, D) array; returns self."""
         x = _as_features(batch, "batch").astype(np.float64, copy=False)
         if self.dim is not None and x.shape[1] != self.dim:
-            raise ValueError(f"batch has {x.shape[1]} features, earlier batches had {self.dim}")
+            raise UsageError(f"batch has {x.shape[1]} features, earlier batches had {self.dim}")
         if len(x) == 0:
             return self
         mean = x.mean(axis=0)
@@ -100,7 +102,7 @@ class MeanCovariance:
         """Add another accumulator's volumes (e.g. from another process); returns self."""
         if other.n:
             if self.dim is not None and other.dim != self.dim:
-                raise ValueError(f"cannot merge {other.dim}-d statistics into {self.dim}-d ones")
+                raise UsageError(f"cannot merge {other.dim}-d statistics into {self.dim}-d ones")
             self._merge(other.n, other._mean, other._m2)
         return self
 
@@ -128,7 +130,7 @@ class MeanCovariance:
 
     def _need(self, n: int) -> None:
         if self.n < n:
-            raise ValueError(f"need at least {n} feature vectors, got {self.n}")
+            raise UsageError(f"need at least {n} feature vectors, got {self.n}")
 
     @classmethod
     def of(cls, features) -> MeanCovariance:
@@ -169,7 +171,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, n1: int | None = None, n2: int
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(
+        raise UsageError(
             f"the two sets differ in feature dimension or shape: means {mu1.shape} and {mu2.shape}, "
             f"covariances {sigma1.shape} and {sigma2.shape}"
         )
@@ -204,7 +206,7 @@ def median_bandwidth(a, b, *, max_points: int = 2000, seed: int = 0) -> float:
     d2 = np.clip(sq[:, None] + sq[None, :] - 2.0 * pooled @ pooled.T, 0.0, None)
     median = float(np.sqrt(np.median(d2[np.triu_indices(len(pooled), k=1)])))
     if median <= 0:
-        raise ValueError("the median heuristic gives bandwidth 0 (most vectors are identical); pass bandwidth=")
+        raise UsageError("the median heuristic gives bandwidth 0 (most vectors are identical); pass bandwidth=")
     return median
 
 
@@ -231,7 +233,7 @@ def _kernel_sum(kernel: str, x: np.ndarray, y: np.ndarray, bandwidth: float | No
 def _unbiased_mmd2(x: np.ndarray, y: np.ndarray, kernel: str, bandwidth: float | None, block: int) -> float:
     m, n = len(x), len(y)
     if m < 2 or n < 2:
-        raise ValueError(f"MMD needs at least 2 vectors per set, got {m} and {n}")
+        raise UsageError(f"MMD needs at least 2 vectors per set, got {m} and {n}")
     kxx = _kernel_sum(kernel, x, x, bandwidth, exclude_diagonal=True, block=block)
     kyy = _kernel_sum(kernel, y, y, bandwidth, exclude_diagonal=True, block=block)
     kxy = _kernel_sum(kernel, x, y, bandwidth, exclude_diagonal=False, block=block)
@@ -245,13 +247,13 @@ def mmd(a, b, kernel: str = "rbf", *, bandwidth: float | None = None, block: int
     "polynomial" (the KID kernel). Memory: ``block`` rows of the kernel matrix at a time.
     """
     if kernel not in KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+        raise UsageError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
     x, y = _as_features(a, "a").astype(np.float64), _as_features(b, "b").astype(np.float64)
     _same_dim(x, y)
     if kernel == "rbf":
         bandwidth = median_bandwidth(x, y) if bandwidth is None else float(bandwidth)
         if not bandwidth > 0:
-            raise ValueError(f"the RBF bandwidth must be > 0, got {bandwidth}")
+            raise UsageError(f"the RBF bandwidth must be > 0, got {bandwidth}")
     return _unbiased_mmd2(x, y, kernel, bandwidth, block)
 
 
@@ -265,7 +267,7 @@ def kid(a, b, *, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> 
     x, y = _as_features(a, "a").astype(np.float64), _as_features(b, "b").astype(np.float64)
     _same_dim(x, y)
     if subsets < 1 or subset_size < 2:
-        raise ValueError(f"KID needs subsets >= 1 and subset_size >= 2, got {subsets} and {subset_size}")
+        raise UsageError(f"KID needs subsets >= 1 and subset_size >= 2, got {subsets} and {subset_size}")
     m = min(subset_size, len(x), len(y))
     if m == len(x) == len(y):
         return KID(_unbiased_mmd2(x, y, "polynomial", None, 1024), 0.0, 1, m)
@@ -280,7 +282,7 @@ def kid(a, b, *, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> 
 
 def _same_dim(x: np.ndarray, y: np.ndarray) -> None:
     if x.shape[1] != y.shape[1]:
-        raise ValueError(f"the two sets differ in feature dimension: {x.shape[1]} and {y.shape[1]}")
+        raise UsageError(f"the two sets differ in feature dimension: {x.shape[1]} and {y.shape[1]}")
 
 
 # -- confidence intervals -------------------------------------------------------------------------
@@ -293,9 +295,9 @@ def bootstrap(metric: Callable[[np.ndarray, np.ndarray], float], a, b, *, resamp
     """
     x, y = _as_features(a, "a"), _as_features(b, "b")
     if resamples < 2:
-        raise ValueError(f"a bootstrap needs at least 2 resamples, got {resamples}")
+        raise UsageError(f"a bootstrap needs at least 2 resamples, got {resamples}")
     if not 0 < level < 1:
-        raise ValueError(f"level must be between 0 and 1, got {level}")
+        raise UsageError(f"level must be between 0 and 1, got {level}")
     rng = np.random.default_rng(seed)
     values = np.array([
         metric(x[rng.integers(0, len(x), len(x))], y[rng.integers(0, len(y), len(y))]) for _ in range(resamples)

@@ -10,6 +10,7 @@ import difflib
 import fnmatch
 import inspect
 
+from ..errors import UsageError
 from .resnet import ARCHITECTURES, Med3DResNet
 
 MODEL_ARGS = frozenset(inspect.signature(Med3DResNet.__init__).parameters) - {"self", "block", "layers"}
@@ -31,5 +32,5 @@ def split_name(name: str) -> tuple[str, str | None]:
         close = difflib.get_close_matches(arch, list(ARCHITECTURES), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         depths = ", ".join(n.removeprefix("resnet") for n in ARCHITECTURES)
-        raise ValueError(f"unknown model {name!r}: Med3D ResNets come in depths {depths} (names resnet10 ... resnet200).{hint}")
+        raise UsageError(f"unknown model {name!r}: Med3D ResNets come in depths {depths} (names resnet10 ... resnet200).{hint}")
     return arch, (tag or None)

@@ -21,6 +21,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import UsageError
 from .heads import SegmentationHead
 
 # Block type, blocks per stage and the shortcut the released weights use, per depth.
@@ -159,7 +160,7 @@ def _drop_path_module(rate: float) -> nn.Module | None:
 
 def _check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; expected one of {sorted(allowed)}")
+        raise UsageError(f"{name}={value!r} is not supported; expected one of {sorted(allowed)}")
 
 
 # Model-card fields for PyTorchModelHubMixin. huggingface_hub gained them over its versions (paper_url
@@ -211,21 +212,21 @@ class Med3DResNet(nn.Module, PyTorchModelHubMixin, **_HUB_CARD):
         _check_choice("block", block, BLOCKS)
         _check_choice("shortcut", shortcut, {"A", "B"})
         if not isinstance(in_chans, int) or in_chans < 1:
-            raise ValueError(f"in_chans must be an integer >= 1 (input channels), got {in_chans!r}")
+            raise UsageError(f"in_chans must be an integer >= 1 (input channels), got {in_chans!r}")
         if seg_classes is not None:
             if not isinstance(seg_classes, int) or seg_classes < 1:
-                raise ValueError(f"seg_classes must be an integer >= 1, got {seg_classes!r}")
+                raise UsageError(f"seg_classes must be an integer >= 1, got {seg_classes!r}")
             if num_classes:
-                raise ValueError("give either num_classes (classification) or seg_classes (segmentation), not both")
+                raise UsageError("give either num_classes (classification) or seg_classes (segmentation), not both")
             num_classes = 0
         elif num_classes is None:
             num_classes = DEFAULT_NUM_CLASSES
         if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an integer >= 0 (0 = no head), got {num_classes!r}")
+            raise UsageError(f"num_classes must be an integer >= 0 (0 = no head), got {num_classes!r}")
         if len(layers) != 4 or any(n < 1 for n in layers):
-            raise ValueError(f"layers must list 4 positive block counts, got {tuple(layers)!r}")
+            raise UsageError(f"layers must list 4 positive block counts, got {tuple(layers)!r}")
         if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+            raise UsageError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
 
         block_cls = BLOCKS[block]
         self.block = block
@@ -355,9 +356,9 @@ class Med3DResNet(nn.Module, PyTorchModelHubMixin, **_HUB_CARD):
         ``global_pool`` is timm's argument; the pooling here is always the average ("avg").
         """
         if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+            raise UsageError(f"num_classes must be an integer >= 0, got {num_classes!r}")
         if global_pool not in (None, "avg"):
-            raise ValueError(f"global_pool={global_pool!r} is not supported: Med3D ResNets pool by the average ('avg')")
+            raise UsageError(f"global_pool={global_pool!r} is not supported: Med3D ResNets pool by the average ('avg')")
         device = self.conv1.weight.device
         self._set_classifier(num_classes)
         if num_classes > 0:
@@ -373,12 +374,12 @@ class Med3DResNet(nn.Module, PyTorchModelHubMixin, **_HUB_CARD):
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 5:
-            raise ValueError(
+            raise UsageError(
                 f"expected a 5-D input N x C x D x H x W, got shape {tuple(x.shape)}; "
                 "add the batch and channel axes, e.g. x[None, None] for a single D x H x W volume"
             )
         if x.shape[1] != self.in_chans:
-            raise ValueError(
+            raise UsageError(
                 f"expected {self.in_chans} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)}); "
                 f"build the model with in_chans={x.shape[1]} to take this input"
             )
@@ -428,7 +429,7 @@ class Med3DResNet(nn.Module, PyTorchModelHubMixin, **_HUB_CARD):
         None takes all five. Returns the maps, or (the layer4 map, the maps) without ``intermediates_only``.
         """
         if output_fmt not in ("NCDHW", "NCHW"):
-            raise ValueError(f"output_fmt={output_fmt!r} is not supported: the maps are N x C x D x H x W")
+            raise UsageError(f"output_fmt={output_fmt!r} is not supported: the maps are N x C x D x H x W")
         count = 5
         if indices is None:
             chosen = list(range(count))
@@ -437,7 +438,7 @@ class Med3DResNet(nn.Module, PyTorchModelHubMixin, **_HUB_CARD):
         else:
             chosen = [i % count if -count <= i < count else i for i in indices]
         if any(not 0 <= i < count for i in chosen):
-            raise ValueError(f"indices {indices!r} are out of range: there are {count} maps (0 = stem, 1-4 = layer1-4)")
+            raise UsageError(f"indices {indices!r} are out of range: there are {count} maps (0 = stem, 1-4 = layer1-4)")
         wanted = tuple(sorted(set(chosen)))
         last = max(wanted) if intermediates_only or stop_early else 4
         maps = dict(zip(sorted(set(wanted) | {last}), self.stage_outputs(x, tuple(sorted(set(wanted) | {last})))))
@@ -476,7 +477,7 @@ class Med3DResNetFeatures(Med3DResNet):
         super().__init__(*args, **kwargs)
         out_indices = tuple(out_indices)
         if not out_indices or any(i not in range(5) for i in out_indices) or len(set(out_indices)) != len(out_indices):
-            raise ValueError(f"out_indices must be distinct values in 0..4 (0 = stem, 1-4 = layer1-4), got {out_indices!r}")
+            raise UsageError(f"out_indices must be distinct values in 0..4 (0 = stem, 1-4 = layer1-4), got {out_indices!r}")
         self.out_indices = out_indices
         self.feature_info = FeatureInfo(self.feature_info[i] for i in out_indices)
 

@@ -27,12 +27,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ..errors import Med3DError
+
 __all__ = ["CompareError", "RunCurve", "compare_runs", "format_table", "plot_comparison", "read_curve"]
 
 DEFAULT_METRICS = ("dice_mean", "accuracy")
 
 
-class CompareError(ValueError):
+class CompareError(Med3DError, ValueError):
     """A run cannot be compared; the message names the folder."""
 
 

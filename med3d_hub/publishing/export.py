@@ -42,6 +42,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..errors import Med3DError, UsageError
 from ..networks.resnet import ARCHITECTURES
 from ..weights import model_files
 from ..weights.checkpoints import HEAD_PREFIXES, infer_shortcut
@@ -71,7 +72,7 @@ RUN_ENCODER = "encoder.safetensors"
 _LICENSE = re.compile(r"[a-z0-9][a-z0-9.+-]*")
 
 
-class RunError(ValueError):
+class RunError(Med3DError, ValueError):
     """A run folder that cannot be exported as it is; the message says what is missing and what to do."""
 
 
@@ -151,7 +152,7 @@ def license_id(text: str) -> str:
     """A licence as the Hub's card metadata spells it: ``"CC-BY-SA 4.0"`` -> ``"cc-by-sa-4.0"``."""
     value = re.sub(r"[\s_]+", "-", str(text).strip().lower())
     if not _LICENSE.fullmatch(value):
-        raise ValueError(f"licence {text!r} is not a licence id such as mit, apache-2.0, cc-by-4.0, cc-by-sa-4.0")
+        raise UsageError(f"licence {text!r} is not a licence id such as mit, apache-2.0, cc-by-4.0, cc-by-sa-4.0")
     return value
 
 

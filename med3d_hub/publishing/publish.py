@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..errors import EXIT_PUBLISH_FAILED, EXIT_USAGE, Med3DError
 from ..weights import hub, model_files
 from ..weights.manifest import EntryExistsError, manifest_with_entry, read_manifest, shipped_entries, write_manifest
 from .export import Exported, Run, export, read_run
@@ -53,12 +54,16 @@ VERIFY_TIMEOUT = 900.0  # seconds for the fresh process: start, download, load, 
 FIXED_INPUT_SIZE = (32, 32, 32)
 
 
-class PublishError(RuntimeError):
+class PublishError(Med3DError, RuntimeError):
     """The upload or its verification failed; the message says what is on the Hub and that the manifest is unchanged."""
+
+    exit_code = EXIT_PUBLISH_FAILED
 
 
 class PublishRefused(PublishError):
     """Refused before anything was sent: no write access, or a public repo where a private one was asked for."""
+
+    exit_code = EXIT_USAGE
 
 
 class RoundTripError(PublishError):

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import Med3DError
 from ..files import atomic_write, fsync_dir
 
 __all__ = ["CheckpointError", "FORMAT", "find_checkpoints", "load_checkpoint", "save_checkpoint", "prune_checkpoints",
@@ -25,7 +26,7 @@ FORMAT = "med3d_hub.train/1"
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(Med3DError, ValueError):
     """A checkpoint cannot be used to resume this run; the message says why."""
 
 

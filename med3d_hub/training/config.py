@@ -16,10 +16,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..errors import Med3DError
+
 __all__ = ["ConfigError", "TaskConfig", "TrainConfig", "load_config", "resolve_config_path", "packaged_configs"]
 
 
-class ConfigError(ValueError):
+class ConfigError(Med3DError, ValueError):
     """A configuration value or file is invalid; the message names the key."""
 
 

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from ..data.io import Volume, VolumeReadError, read_volume
 from ..data.preprocess import PAPER_PREPROCESS, Preprocess
+from ..errors import Med3DError
 from ..files import atomic_write
 from .config import ConfigError, TaskConfig, TrainConfig
 from .distributed import DistContext
@@ -58,7 +59,7 @@ FG_SAMPLES_PER_CLASS = 10_000
 _NIFTI = (".nii.gz", ".nii")
 
 
-class DataError(ValueError):
+class DataError(Med3DError, ValueError):
     """A task folder or case cannot be used; the message names the file."""
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
 from ..files import atomic_write
 from ..weights.factory import create_model
 from .checkpoint import load_checkpoint
@@ -25,7 +26,7 @@ def encoder_state_dict(model_state: dict[str, torch.Tensor], arch: str) -> dict[
     expected = set(create_model(arch, num_classes=0).state_dict())
     missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or extra:
-        raise ValueError(f"encoder keys do not match {arch}'s backbone: missing {missing[:5]}, unexpected {extra[:5]}")
+        raise UsageError(f"encoder keys do not match {arch}'s backbone: missing {missing[:5]}, unexpected {extra[:5]}")
     # safetensors stores dense row-major tensors: undo channels_last and share nothing.
     return {k: v.detach().cpu().contiguous().clone() for k, v in sorted(state.items())}
 

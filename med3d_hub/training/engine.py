@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import DivergedError
 from ..files import atomic_write
 from .checkpoint import CheckpointError, find_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig
@@ -550,7 +551,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume, stop: _StopRequest, resou
             if cfg.grad_clip:
                 record["grad_norm"] = round(float(grad_norm), 4)
             if not torch.isfinite(totals[0]):
-                raise FloatingPointError(
+                raise DivergedError(
                     f"the training loss is {record['loss']} at step {done}; lower --lr or set grad_clip"
                 )
             metrics.log(record)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import MissingFileError, UsageError
 from ..networks.heads import SegmentationHead
 from ..networks.registry import split_name
 from ..weights.factory import create_model
@@ -104,7 +105,7 @@ def encoder_weights(arch: str, pretrained: str):
     path = Path(text).expanduser()
     if path.exists() or "/" in text or text.lower().endswith((".pth", ".pt", ".safetensors", ".bin", ".ckpt")):
         if not path.is_file():
-            raise FileNotFoundError(f"pretrained {text}: no such file (a MedicalNet .pth or a .safetensors encoder)")
+            raise MissingFileError(f"pretrained {text}: no such file (a MedicalNet .pth or a .safetensors encoder)")
         return arch, str(path)
     return f"{arch}.{text}", True
 
@@ -113,7 +114,7 @@ def build_finetune_net(cfg: FinetuneConfig, num_classes: int) -> FinetuneNet:
     """The encoder with ``cfg.pretrained`` loaded strictly, and a freshly initialised head."""
     arch, tag = split_name(cfg.model)
     if tag is not None:
-        raise ValueError(f"model {cfg.model!r}: give the architecture as model and the weights as pretrained ({tag!r})")
+        raise UsageError(f"model {cfg.model!r}: give the architecture as model and the weights as pretrained ({tag!r})")
     name, pretrained = encoder_weights(arch, cfg.pretrained)
     encoder = create_model(name, pretrained=pretrained, num_classes=0)
     return FinetuneNet(encoder, cfg.task, num_classes, cfg.decoder, cfg.drop_rate)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
 from ..weights.factory import create_model
 
 __all__ = ["CoTrainNet"]
@@ -31,7 +32,7 @@ class CoTrainNet(nn.Module):
     def __init__(self, arch: str, task_names: Sequence[str], task_classes: Sequence[int], **encoder_kwargs):
         super().__init__()
         if len(task_names) != len(task_classes) or not task_names:
-            raise ValueError("give one class count per task, and at least one task")
+            raise UsageError("give one class count per task, and at least one task")
         self.arch = arch
         self.task_names = list(task_names)
         self.encoder = create_model(arch, num_classes=0, **encoder_kwargs)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UsageError
+
 __all__ = ["make_synthetic_task", "write_case", "write_dataset_json"]
 
 
@@ -55,9 +57,9 @@ def make_synthetic_task(
 ) -> Path:
     """Write an MSD task with ``num_classes`` classes (background included); returns its folder."""
     if num_classes < 2:
-        raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
+        raise UsageError(f"num_classes counts the background and must be >= 2, got {num_classes}")
     if num_cases < 1:
-        raise ValueError(f"num_cases must be >= 1, got {num_cases}")
+        raise UsageError(f"num_cases must be >= 1, got {num_cases}")
     folder = Path(root) / (folder_name or f"Task{90 + num_classes:02d}_{name}")
     rng = np.random.default_rng(seed)
     case_ids = []

@@ -14,6 +14,8 @@ from typing import Mapping
 
 import torch
 
+from ..errors import Med3DError, UsageError
+
 __all__ = [
     "HEAD_PREFIXES",
     "CheckpointMismatchError",
@@ -33,7 +35,7 @@ _SHOWN = 12  # key names listed in an error before "and N more"
 _TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(Med3DError, RuntimeError):
     """The weights do not fit the model: missing, unexpected or differently shaped keys (all named)."""
 
 
@@ -62,7 +64,7 @@ def read_state_dict(path: str | os.PathLike, fmt: str) -> dict[str, torch.Tensor
                 "re-download or re-export it"
             ) from None
     if fmt != "medicalnet-pth":
-        raise ValueError(f"unknown weights format {fmt!r}; expected 'medicalnet-pth' or 'safetensors'")
+        raise UsageError(f"unknown weights format {fmt!r}; expected 'medicalnet-pth' or 'safetensors'")
     with open(path, "rb") as f:
         head = f.read(8)
     if not head.startswith(_TORCH_SAVE_MAGIC):
@@ -173,7 +175,7 @@ def adapt_in_chans(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     so one volume gives what S copies of it gave before.
     """
     if not isinstance(in_chans, int) or in_chans < 1:
-        raise ValueError(f"in_chans must be an integer >= 1, got {in_chans!r}")
+        raise UsageError(f"in_chans must be an integer >= 1, got {in_chans!r}")
     trained = weight.shape[1]
     if in_chans == trained:
         return weight

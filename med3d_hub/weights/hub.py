@@ -41,6 +41,8 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import torch
 
+from ..errors import EXIT_UNREACHABLE, Med3DError, UsageError
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -89,15 +91,17 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TRUE = {"1", "on", "yes", "true"}
 
 
-class HubUnreachableError(ConnectionError):
+class HubUnreachableError(Med3DError, ConnectionError):
     """No server could be reached (or offline mode is on) and no verified cached copy exists."""
 
+    exit_code = EXIT_UNREACHABLE
 
-class ChecksumError(OSError):
+
+class ChecksumError(Med3DError, OSError):
     """A file's sha256 differs from the expected one; the bad bytes were removed from the caches."""
 
 
-class WeightsDownloadError(OSError):
+class WeightsDownloadError(Med3DError, OSError):
     """The server answered, but not with the file: missing repo, revision or file, no access, a broken transfer."""
 
 
@@ -139,11 +143,11 @@ def check_hub_file(repo_id: object, revision: object, filename: object, *, where
 
     prefix = f"{where}: " if where else ""
     if not isinstance(repo_id, str) or repo_id.count("/") != 1:
-        raise ValueError(f"{prefix}repo id {repo_id!r} must be 'org/name'")
+        raise UsageError(f"{prefix}repo id {repo_id!r} must be 'org/name'")
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise ValueError(f"{prefix}repo id {repo_id!r} is not a valid Hub repo id: {error}") from None
+        raise UsageError(f"{prefix}repo id {repo_id!r} is not a valid Hub repo id: {error}") from None
     if (
         not isinstance(revision, str)
         or not revision
@@ -153,7 +157,7 @@ def check_hub_file(repo_id: object, revision: object, filename: object, *, where
         or any(part.startswith(".") or not part for part in revision.split("/"))
         or revision == "@"
     ):
-        raise ValueError(
+        raise UsageError(
             f"{prefix}revision {revision!r} is not a valid branch, tag or commit sha "
             "(git ref rules: no '..', no part starting with '.', no spaces, '\\', '%' or '~^:?*[')"
         )
@@ -164,7 +168,7 @@ def check_hub_file(repo_id: object, revision: object, filename: object, *, where
         or _FILENAME_BAD.search(filename)
         or any(part in ("", ".", "..") for part in parts)
     ):
-        raise ValueError(
+        raise UsageError(
             f"{prefix}filename {filename!r} must be a relative path inside the repo (no '..', '.', empty parts, "
             "leading '/' or '\\'), e.g. 'resnet_50.pth'"
         )
@@ -193,17 +197,17 @@ def parse_hf_reference(ref: str) -> HubFile:
     body = ref[len("hf://") :] if ref.startswith("hf://") else ref
     parts = body.split("/")
     if len(parts) < 3 or not all(parts):
-        raise ValueError(
+        raise UsageError(
             f"cannot read Hub reference {ref!r}: expected hf://org/repo@revision/path/to/file "
             "(the @revision part is optional, default main)"
         )
     repo_name, _, revision = parts[1].partition("@")
     if not repo_name or (parts[1].endswith("@")):
-        raise ValueError(f"cannot read Hub reference {ref!r}: empty repo name or revision")
+        raise UsageError(f"cannot read Hub reference {ref!r}: empty repo name or revision")
     try:
         return HubFile(f"{parts[0]}/{repo_name}", "/".join(parts[2:]), unquote(revision) or "main")
     except ValueError as error:
-        raise ValueError(f"cannot use Hub reference {ref!r}: {error}") from None
+        raise UsageError(f"cannot use Hub reference {ref!r}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -235,7 +239,7 @@ def _seconds(name: str, default: float = DEFAULT_TIMEOUT) -> float:
     except ValueError:
         value = -1.0
     if value <= 0:
-        raise ValueError(f"{name}={raw!r} must be a positive number of seconds")
+        raise UsageError(f"{name}={raw!r} must be a positive number of seconds")
     return value
 
 
@@ -270,7 +274,7 @@ def _count(name: str, default: int) -> int:
     if not raw:
         return default
     if not raw.strip().isdigit():
-        raise ValueError(f"{name}={raw!r} must be a whole number >= 0")
+        raise UsageError(f"{name}={raw!r} must be a whole number >= 0")
     return int(raw)
 
 
@@ -509,7 +513,7 @@ def clear_cache(s: Settings, kinds: Sequence[str], repo_ids: Sequence[str] = ())
     known = cache_kinds(s, repo_ids)
     unknown = [k for k in kinds if k not in known]
     if unknown:
-        raise ValueError(f"unknown cache kind(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+        raise UsageError(f"unknown cache kind(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     removed = []
     for kind in kinds:
         paths = known[kind] + ((s.cache / "hashes",) if kind == "weights" else ())  # hashes: an older version's memo
@@ -665,14 +669,14 @@ def fetch(
     weights in messages.
     """
     if not sources:
-        raise ValueError(f"{label}: no source to download from")
+        raise UsageError(f"{label}: no source to download from")
     failures: list[tuple[str, OSError]] = []
     for source in sources:
         try:
             if isinstance(source, HubFile):
                 return _fetch_hub(source, s, expected_sha256, skip_if)
             if expected_sha256 is None:
-                raise ValueError(f"{label}: a URL source needs a sha256 to check the download against")
+                raise UsageError(f"{label}: a URL source needs a sha256 to check the download against")
             return _fetch_url(source, s, expected_sha256)
         except (HubUnreachableError, ChecksumError, WeightsDownloadError) as error:
             error.args = (redact(error),)  # a server may echo the Authorization header in its answer

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import UsageError
 from ..networks.registry import FEATURE_ARGS, MODEL_ARGS
 from ..networks.resnet import ARCHITECTURES, Med3DResNet, Med3DResNetFeatures
 
@@ -14,7 +15,7 @@ def build_model(arch: str, *, features_only: bool = False, out_indices=(1, 2, 3,
     """Build architecture `arch` with random weights; kwargs are the model's options."""
     unknown = set(kwargs) - MODEL_ARGS
     if unknown:
-        raise ValueError(
+        raise UsageError(
             f"unknown argument(s) {sorted(unknown)} for {arch}; accepted: {sorted(MODEL_ARGS | FEATURE_ARGS)}"
         )
     spec = ARCHITECTURES[arch]

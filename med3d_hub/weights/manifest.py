@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from ..errors import Med3DError, UsageError
 from ..networks.resnet import ARCHITECTURES
 from .hub import check_hub_file
 
@@ -60,7 +61,7 @@ _TOP_KEYS = {"schema_version", "description", "weights"}
 _added: list[Path] = []
 
 
-class ManifestError(ValueError):
+class ManifestError(Med3DError, ValueError):
     """A manifest file that cannot be read or does not follow the schema."""
 
 
@@ -425,7 +426,7 @@ def find_entry(model: str, tag: str | None, entries: Iterable[WeightsEntry] | No
             return entry
     tags = [e.tag for e in entries if e.model == model]
     hint = f"weights for {model}: {', '.join(f'{model}.{t}' for t in tags)}" if tags else f"no weights are known for {model}"
-    raise ValueError(
+    raise UsageError(
         f"no pretrained weights named {model}.{tag}; {hint}. "
         f"Add your own with {ENV_VAR} or med3d_hub.add_manifest(path)."
     )
@@ -438,8 +439,8 @@ def default_entry(model: str, entries: Iterable[WeightsEntry] | None = None) -> 
             return entry
     tags = [e.name for e in entries if e.model == model]
     if tags:
-        raise ValueError(f"no default weights for {model}; name one of: {', '.join(tags)}")
-    raise ValueError(f"no pretrained weights are known for {model}; see med3d_hub.list_pretrained()")
+        raise UsageError(f"no default weights for {model}; name one of: {', '.join(tags)}")
+    raise UsageError(f"no pretrained weights are known for {model}; see med3d_hub.list_pretrained()")
 
 
 # -- documentation -----------------------------------------------------------------------------------
@@ -469,7 +470,7 @@ def render_into(text: str, table: str) -> str:
     """``text`` with the block between the table markers replaced by ``table``."""
     start, end = text.find(TABLE_START), text.find(TABLE_END)
     if start < 0 or end < start:
-        raise ValueError(f"the document has no table markers {TABLE_START!r} ... {TABLE_END!r}")
+        raise UsageError(f"the document has no table markers {TABLE_START!r} ... {TABLE_END!r}")
     return text[: start + len(TABLE_START)] + "\n" + table + text[end:]
 
 

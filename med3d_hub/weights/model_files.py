@@ -29,6 +29,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..errors import Med3DError, MissingFileError, UsageError
 from ..networks.resnet import ARCHITECTURES, DILATED_LAYOUT, STRIDED_LAYOUT
 from .checkpoints import HEAD_PREFIXES, CheckpointMismatchError, check_backbone
 
@@ -65,7 +66,7 @@ DESCRIPTIVE_KEYS = (
 _SHOWN = 8
 
 
-class NonFiniteWeightsError(ValueError):
+class NonFiniteWeightsError(Med3DError, ValueError):
     """The weights hold NaN or infinite values; the message names the tensors."""
 
 
@@ -123,19 +124,19 @@ def read_config(path: str | os.PathLike) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
-        raise FileNotFoundError(f"cannot read {path}: {error.strerror or error}") from None
+        raise MissingFileError(f"cannot read {path}: {error.strerror or error}") from None
     except ValueError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
+        raise UsageError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: a model config is a JSON object, got {type(config).__name__}")
+        raise UsageError(f"{path}: a model config is a JSON object, got {type(config).__name__}")
     missing = [k for k in ("block", "layers") if k not in config]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"{path} is not a Med3D model config: missing {', '.join(missing)} "
             "(write one with model.save_pretrained(folder) or `med3d export`)"
         )
     if architecture_of(config["block"], config["layers"]) is None:
-        raise ValueError(f"{path}: block {config['block']!r} with layers {config['layers']!r} is not a zoo architecture")
+        raise UsageError(f"{path}: block {config['block']!r} with layers {config['layers']!r} is not a zoo architecture")
     return config
 
 
@@ -163,7 +164,7 @@ def build_from_config(config: Mapping, **overrides: Any) -> nn.Module:
 
     arch = architecture_of(config["block"], config["layers"])
     if arch is None:
-        raise ValueError(f"block {config['block']!r} with layers {config['layers']!r} is not a zoo architecture")
+        raise UsageError(f"block {config['block']!r} with layers {config['layers']!r} is not a zoo architecture")
     kwargs = create_model_kwargs(config)
     if config.get("out_indices") is not None:
         kwargs.update(features_only=True, out_indices=tuple(config["out_indices"]))
@@ -280,7 +281,7 @@ def load_pretrained(
 
     kwargs = {k: v for k, v in model_kwargs.items() if k not in DESCRIPTIVE_KEYS}
     if "block" not in kwargs or "layers" not in kwargs:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{model_id} has no usable {CONFIG_NAME} (block and layers are missing): it was not written by "
             "model.save_pretrained or `med3d export`"
         )
@@ -288,7 +289,7 @@ def load_pretrained(
     if folder.is_dir():
         path = folder / WEIGHTS_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"{folder} has no {WEIGHTS_NAME}; save one with model.save_pretrained({str(folder)!r})")
+            raise MissingFileError(f"{folder} has no {WEIGHTS_NAME}; save one with model.save_pretrained({str(folder)!r})")
         where = str(path)
     else:
         from huggingface_hub import hf_hub_download

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..errors import MissingFileError, UsageError
 from ..networks.heads import SegmentationHead
 from ..networks.resnet import init_weights
 from . import checkpoints, hub
@@ -67,7 +68,7 @@ def create_pretrained(arch: str, tag: str | None, pretrained: Any, **kwargs: Any
 
     shortcut = entry.shortcut if entry else checkpoints.infer_shortcut(state_dict)
     if kwargs.get("shortcut", shortcut) != shortcut:
-        raise ValueError(
+        raise UsageError(
             f"the weights {entry.name if entry else request.label} were trained with shortcut {shortcut!r}, "
             f"but shortcut={kwargs['shortcut']!r} was passed; drop the shortcut argument, or use pretrained=False"
         )
@@ -116,7 +117,7 @@ def _request(arch: str, tag: str | None, pretrained: Any) -> _Request:
     path = Path(text).expanduser()
     if not path.is_file():
         tags = ", ".join(f"{e.name}" for e in load_entries() if e.model == arch)
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"pretrained={text!r} is neither an existing file nor an hf:// reference. Pass pretrained=True for "
             f"the default weights, a name with a tag ({tags or 'none known'}), a local .pth/.safetensors file, "
             "or hf://org/repo@revision/file"
