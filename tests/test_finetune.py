@@ -94,7 +94,7 @@ def test_conv_seg_head_is_published_with_the_model(data, tmp_path):
     assert _seg(data, out, "--pretrained", "none", "--decoder", "conv_seg", "--steps", "2") == 0
     config = json.loads((out / "config.json").read_text())
     assert config["seg_classes"] == 3 and config["seg_upsample"] is True
-    from med3d_hub.networks.resnet import Med3DResNet
+    from med3d_hub.models import Med3DResNet
 
     zoo = Med3DResNet.from_pretrained(str(out))
     net = load_finetuned(out)
@@ -131,7 +131,7 @@ def test_classification_end_to_end_and_resume(data, tmp_path):
     assert 0.0 <= val[-1]["balanced_accuracy"] <= 1.0
     config = json.loads((out / "config.json").read_text())
     assert config["num_classes"] == 2 and config["preprocess"]["size"] == [16, 16, 16]
-    from med3d_hub.networks.resnet import Med3DResNet
+    from med3d_hub.models import Med3DResNet
 
     zoo = Med3DResNet.from_pretrained(str(out))
     net = load_finetuned(out)

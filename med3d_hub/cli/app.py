@@ -658,14 +658,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Everything after ``train`` goes to the training package's own command line."""
-    import inspect
+    """Everything after ``train`` goes to the co-training command line (``cli/train.py``)."""
+    from .train import main as train_main
 
-    from .. import train
-
-    kwargs = {"prog": f"{PROG} train"} if "prog" in inspect.signature(train.main).parameters else {}
     try:
-        return int(train.main(list(args.train_args), **kwargs) or 0)
+        return int(train_main(list(args.train_args), prog=f"{PROG} train") or 0)
     except SystemExit as exit_:  # its --help, or an argparse usage error it already printed
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
 

@@ -5,19 +5,16 @@ What makes it Med3D rather than a plain 3D ResNet: layer3 and layer4 keep stride
 parameter-free shortcut "A". Parameter names are exactly MedicalNet's (without `module.`), so the
 released files load with `strict=True`; heads only add their own keys.
 
-This module builds networks. The classes also carry huggingface_hub's `PyTorchModelHubMixin`
-(`save_pretrained`, `from_pretrained`, `push_to_hub`); the files behind those methods are
-`med3d_hub.weights.model_files`' business, and loading there is strict by default.
+This module builds networks, and only that: no files, no Hub. The classes users hold add
+huggingface_hub's `PyTorchModelHubMixin` on top (`med3d_hub.weights.hub_model`).
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -163,23 +160,8 @@ def _check_choice(name: str, value, allowed) -> None:
         raise UsageError(f"{name}={value!r} is not supported; expected one of {sorted(allowed)}")
 
 
-# Model-card fields for PyTorchModelHubMixin. huggingface_hub gained them over its versions (paper_url
-# in 0.31), so only those the installed one accepts are passed.
-_HUB_CARD = {
-    "library_name": "med3d-hub",
-    "tags": ["medical-imaging", "3d", "med3d", "resnet"],
-    "paper_url": "https://arxiv.org/abs/1904.00625",
-}
-_HUB_CARD = {k: v for k, v in _HUB_CARD.items() if k in inspect.signature(PyTorchModelHubMixin.__init_subclass__).parameters}
-
-
-class Med3DResNet(nn.Module, PyTorchModelHubMixin, **_HUB_CARD):
+class Med3DResNet(nn.Module):
     """A Med3D 3D ResNet with an optional classification or segmentation head.
-
-    ``model.save_pretrained(folder)`` writes ``model.safetensors`` and a ``config.json`` of the
-    network as it is now; ``Med3DResNet.from_pretrained(folder or "org/name")`` rebuilds it and
-    loads strictly (``strict=False`` keeps keys the file lacks as initialised); ``push_to_hub``
-    uploads the same files. See ``med3d_hub.weights.model_files``.
 
     Args:
         block: "basic" (depths 10/18/34) or "bottleneck" (50 and deeper).
@@ -294,25 +276,6 @@ class Med3DResNet(nn.Module, PyTorchModelHubMixin, **_HUB_CARD):
 
     def _init_weights(self) -> None:
         init_weights(self)
-
-    # -- PyTorchModelHubMixin: config.json from the model as it is, strict loading ------------------
-    def _save_pretrained(self, save_directory) -> None:
-        from ..weights.model_files import write_model_files
-
-        write_model_files(save_directory, self)
-
-    @classmethod
-    def _from_pretrained(cls, *, model_id, revision, cache_dir, force_download, local_files_only, token,
-                         map_location="cpu", strict: bool = True, config=None, proxies=None, resume_download=None,
-                         **model_kwargs):
-        # proxies and resume_download: what huggingface_hub 0.x passes too; they do not change what is loaded
-        from ..weights.model_files import load_pretrained
-
-        return load_pretrained(
-            cls, model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
-            local_files_only=local_files_only, token=token, map_location=map_location, strict=strict,
-            model_kwargs=model_kwargs, config=config,
-        )
 
     # -- timm-like surface ----------------------------------------------------------------------
     def data_cfg(self, size: Sequence[int] | None = None) -> dict:

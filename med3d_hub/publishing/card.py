@@ -12,10 +12,21 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+from ..weights import model_files
+
 if TYPE_CHECKING:
     from .export import Run
 
-__all__ = ["CITATION", "PAPER", "model_card"]
+__all__ = ["CITATION", "EXPORT_FILES", "PAPER", "model_card"]
+
+EXPORT_FILES = {
+    model_files.WEIGHTS_NAME: "the weights, zoo key layout (safetensors)",
+    model_files.CONFIG_NAME: "the network's settings and preprocessing; `Med3DResNet.from_pretrained` reads it",
+    "README.md": "this model card",
+    "training_config.yaml": "the training configuration (local paths reduced to folder names)",
+    "metrics.jsonl": "training and validation metrics, one JSON record per line",
+    "curves.png": "training loss and validation Dice curves",
+}
 
 PAPER = "Chen S, Ma K, Zheng Y. Med3D: Transfer Learning for 3D Medical Image Analysis. arXiv:1904.00625, 2019"
 CITATION = """@article{chen2019med3d,
@@ -193,8 +204,6 @@ def model_card(
     out.append("".join(f"- {line}\n" for line in limits))
 
     out.append("## Files\n")
-    from .export import EXPORT_FILES
-
     described = dict(EXPORT_FILES)
     out.append(_table(("file", "content"), [
         (f"`{f}`", described.get(f, "the backbone in MedicalNet's layout (`state_dict`, `module.` keys), for upstream code"))

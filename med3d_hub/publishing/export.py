@@ -46,6 +46,8 @@ from ..errors import Med3DError, UsageError
 from ..networks.resnet import ARCHITECTURES
 from ..weights import model_files
 from ..weights.checkpoints import HEAD_PREFIXES, infer_shortcut
+from ..weights.hub_model import build_from_config
+from .card import EXPORT_FILES
 
 __all__ = [
     "EXPORT_FILES",
@@ -59,14 +61,6 @@ __all__ = [
     "read_run",
 ]
 
-EXPORT_FILES = {
-    model_files.WEIGHTS_NAME: "the weights, zoo key layout (safetensors)",
-    model_files.CONFIG_NAME: "the network's settings and preprocessing; `Med3DResNet.from_pretrained` reads it",
-    "README.md": "this model card",
-    "training_config.yaml": "the training configuration (local paths reduced to folder names)",
-    "metrics.jsonl": "training and validation metrics, one JSON record per line",
-    "curves.png": "training loss and validation Dice curves",
-}
 RUN_CONFIG = "config.yaml"
 RUN_ENCODER = "encoder.safetensors"
 _LICENSE = re.compile(r"[a-z0-9][a-z0-9.+-]*")
@@ -322,7 +316,7 @@ def _read_model_folder(path: Path) -> Run:
         raise RunError(str(error)) from None
     weights = path / model_files.WEIGHTS_NAME
     state = load_file(str(weights))
-    model = model_files.build_from_config(config)
+    model = build_from_config(config)
     _load_checked(model, state, str(weights))
     preprocess = config.get("preprocess") or dict(PAPER_PREPROCESS)
     training = None

@@ -1,14 +1,60 @@
-"""The model classes users hold, and `build_model`, which makes them with random weights."""
+"""The model classes users hold, and `build_model`, which makes them with random weights.
+
+`Med3DResNet` and `Med3DResNetFeatures` are the networks of `med3d_hub.networks` with huggingface_hub's
+`PyTorchModelHubMixin` on top: ``model.save_pretrained(folder)`` writes ``model.safetensors`` and a
+``config.json`` of the network as it is now; ``Med3DResNet.from_pretrained(folder or "org/name")``
+rebuilds it and loads strictly (``strict=False`` keeps keys the file lacks as initialised);
+``push_to_hub`` uploads the same files. The files are `model_files`' business.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, Mapping
 
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from ..errors import UsageError
+from ..networks import resnet
 from ..networks.registry import FEATURE_ARGS, MODEL_ARGS
-from ..networks.resnet import ARCHITECTURES, Med3DResNet, Med3DResNetFeatures
+from ..networks.resnet import ARCHITECTURES
+from .model_files import architecture_of, create_model_kwargs, load_pretrained, write_model_files
+
+__all__ = ["Med3DResNet", "Med3DResNetFeatures", "build_from_config", "build_model"]
+
+
+# Model-card fields for PyTorchModelHubMixin. huggingface_hub gained them over its versions (paper_url
+# in 0.31), so only those the installed one accepts are passed.
+_HUB_CARD = {
+    "library_name": "med3d-hub",
+    "tags": ["medical-imaging", "3d", "med3d", "resnet"],
+    "paper_url": "https://arxiv.org/abs/1904.00625",
+}
+_HUB_CARD = {k: v for k, v in _HUB_CARD.items() if k in inspect.signature(PyTorchModelHubMixin.__init_subclass__).parameters}
+
+
+class Med3DResNet(resnet.Med3DResNet, PyTorchModelHubMixin, **_HUB_CARD):
+    __doc__ = resnet.Med3DResNet.__doc__
+
+    # PyTorchModelHubMixin's hooks: config.json from the model as it is, strict loading
+    def _save_pretrained(self, save_directory) -> None:
+        write_model_files(save_directory, self)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id, revision, cache_dir, force_download, local_files_only, token,
+                         map_location="cpu", strict: bool = True, config=None, proxies=None, resume_download=None,
+                         **model_kwargs):
+        # proxies and resume_download: what huggingface_hub 0.x passes too; they do not change what is loaded
+        return load_pretrained(
+            cls, model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
+            local_files_only=local_files_only, token=token, map_location=map_location, strict=strict,
+            model_kwargs=model_kwargs, config=config,
+        )
+
+
+class Med3DResNetFeatures(resnet.Med3DResNetFeatures, Med3DResNet):
+    __doc__ = resnet.Med3DResNetFeatures.__doc__
 
 
 def build_model(arch: str, *, features_only: bool = False, out_indices=(1, 2, 3, 4), **kwargs: Any) -> nn.Module:
@@ -23,3 +69,18 @@ def build_model(arch: str, *, features_only: bool = False, out_indices=(1, 2, 3,
     if features_only:
         return Med3DResNetFeatures(spec["block"], spec["layers"], out_indices=out_indices, **kwargs)
     return Med3DResNet(spec["block"], spec["layers"], **kwargs)
+
+
+def build_from_config(config: Mapping, **overrides: Any) -> nn.Module:
+    """A randomly initialised zoo model for a config (``features_only`` when it has ``out_indices``)."""
+    arch = architecture_of(config["block"], config["layers"])
+    if arch is None:
+        raise UsageError(f"block {config['block']!r} with layers {config['layers']!r} is not a zoo architecture")
+    kwargs = create_model_kwargs(config)
+    if config.get("out_indices") is not None:
+        kwargs.update(features_only=True, out_indices=tuple(config["out_indices"]))
+        kwargs.pop("num_classes", None)
+        kwargs.pop("seg_classes", None)
+        kwargs.pop("seg_upsample", None)
+    kwargs.update(overrides)
+    return build_model(arch, **kwargs)

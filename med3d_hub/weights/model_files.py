@@ -1,7 +1,7 @@
 """The files of a saved Med3D network: ``model.safetensors`` and ``config.json``.
 
 One layout serves ``model.save_pretrained`` / ``Med3DResNet.from_pretrained`` (huggingface_hub's
-``PyTorchModelHubMixin``), ``med3d export`` and ``med3d publish``:
+``PyTorchModelHubMixin``, on the classes of ``hub_model``), ``med3d export`` and ``med3d publish``:
 
 - ``model.safetensors``: the model's state dict under the zoo's key names (MedicalNet's backbone
   names without ``module.``, plus ``fc.*`` or ``conv_seg.*`` when the model has a head). Dense,
@@ -42,7 +42,6 @@ __all__ = [
     "NonFiniteWeightsError",
     "WEIGHTS_NAME",
     "architecture_of",
-    "build_from_config",
     "check_finite",
     "check_state_dict",
     "create_model_kwargs",
@@ -156,23 +155,6 @@ def create_model_kwargs(config: Mapping) -> dict:
         kwargs.pop("seg_classes", None)
         kwargs.pop("seg_upsample", None)
     return {k: v for k, v in kwargs.items() if not (k in _DEFAULTS and v == _DEFAULTS[k])}
-
-
-def build_from_config(config: Mapping, **overrides: Any) -> nn.Module:
-    """A randomly initialised zoo model for a config (``features_only`` when it has ``out_indices``)."""
-    from .hub_model import build_model
-
-    arch = architecture_of(config["block"], config["layers"])
-    if arch is None:
-        raise UsageError(f"block {config['block']!r} with layers {config['layers']!r} is not a zoo architecture")
-    kwargs = create_model_kwargs(config)
-    if config.get("out_indices") is not None:
-        kwargs.update(features_only=True, out_indices=tuple(config["out_indices"]))
-        kwargs.pop("num_classes", None)
-        kwargs.pop("seg_classes", None)
-        kwargs.pop("seg_upsample", None)
-    kwargs.update(overrides)
-    return build_model(arch, **kwargs)
 
 
 # -- weights ------------------------------------------------------------------------------------------
