@@ -12,7 +12,6 @@ file renamed over the old one, so readers never see half a file); it never touch
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import json
 import os
@@ -25,6 +24,7 @@ from typing import Any, Iterable, Mapping
 from ..errors import Med3DError, UsageError
 from ..networks.resnet import ARCHITECTURES
 from .hub import check_hub_file
+from .pretrained_cfg import PretrainedCfg
 
 __all__ = [
     "ENV_VAR",
@@ -73,7 +73,7 @@ class EntryExistsError(ManifestError):
 class WeightsEntry:
     """One set of pretrained weights, as a manifest entry describes it.
 
-    ``source`` (paper, datasets, ...) and ``preprocess`` are plain dicts; ``cfg()`` returns copies.
+    ``source`` (paper, datasets, ...) and ``preprocess`` are plain dicts; ``cfg()`` is its ``PretrainedCfg``.
     """
 
     model: str
@@ -99,24 +99,8 @@ class WeightsEntry:
         return f"{self.model}.{self.tag}"
 
     def cfg(self) -> dict:
-        """The entry's fields as a JSON-ready dict (copies of the nested dicts)."""
-        return {
-            "name": self.name,
-            "architecture": self.model,
-            "tag": self.tag,
-            "hf_hub_id": self.hf_hub_id,
-            "revision": self.revision,
-            "filename": self.filename,
-            "urls": list(self.urls),
-            "sha256": self.sha256,
-            "size": self.size,
-            "format": self.format,
-            "license": self.license,
-            "source": copy.deepcopy(self.source),
-            "preprocess": copy.deepcopy(self.preprocess),
-            "shortcut": self.shortcut,
-            "weights_in_chans": self.in_chans,
-        }
+        """The entry as a `PretrainedCfg` dict (JSON-ready copies)."""
+        return PretrainedCfg.from_entry(self).to_dict()
 
 
 # -- reading and validation ----------------------------------------------------------------------

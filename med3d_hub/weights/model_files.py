@@ -32,6 +32,7 @@ from torch import nn
 from ..errors import Med3DError, MissingFileError, UsageError
 from ..networks.resnet import ARCHITECTURES, DILATED_LAYOUT, STRIDED_LAYOUT
 from .checkpoints import HEAD_PREFIXES, CheckpointMismatchError, check_backbone
+from .pretrained_cfg import PretrainedCfg
 
 log = logging.getLogger(__name__)
 
@@ -308,27 +309,23 @@ def load_pretrained(
         "pretrained" if any(k.startswith(HEAD_PREFIXES) for k in state) else "new")
     arch = architecture_of(model.block, model.layers)
     prep = Preprocess.from_dict(PAPER_PREPROCESS if preprocess is None else preprocess).to_dict()
-    model.pretrained_cfg = {
-        **model.data_cfg(prep.get("size")),
-        "name": arch,
-        "architecture": arch,
-        "tag": None,
-        "hf_hub_id": None if folder.is_dir() else model_id,
-        "revision": None if folder.is_dir() else (revision or "main"),
-        "filename": WEIGHTS_NAME,
-        "urls": [],
-        "sha256": sha256_file(path),
-        "size": path.stat().st_size,
-        "format": "safetensors",
-        "license": None,
-        "source": None,
-        "preprocess": prep,
-        "shortcut": model.shortcut,
-        "weights_in_chans": int(conv1.shape[1]) if conv1 is not None else None,
-        "in_chans": model.in_chans,
-        "file": str(path) if folder.is_dir() else None,
-        "head": head,
-    }
+    cfg = PretrainedCfg(
+        name=arch,
+        architecture=arch,
+        hf_hub_id=None if folder.is_dir() else model_id,
+        revision=None if folder.is_dir() else (revision or "main"),
+        filename=WEIGHTS_NAME,
+        sha256=sha256_file(path),
+        size=path.stat().st_size,
+        format="safetensors",
+        preprocess=prep,
+        shortcut=model.shortcut,
+        weights_in_chans=int(conv1.shape[1]) if conv1 is not None else None,
+        in_chans=model.in_chans,
+        file=str(path) if folder.is_dir() else None,
+        head=head,
+    ).to_dict()
+    model.pretrained_cfg = {**model.data_cfg(prep.get("size")), **cfg}
     return model
 
 

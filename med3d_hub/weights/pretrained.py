@@ -20,7 +20,7 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,6 +36,7 @@ from . import checkpoints, hub
 from .hub_model import build_model
 from .manifest import WeightsEntry, find_entry, load_entries
 from .model_files import check_finite
+from .pretrained_cfg import PretrainedCfg
 
 log = logging.getLogger(__name__)
 
@@ -359,35 +360,22 @@ def _init_new_head(model: nn.Module) -> None:
 def _cfg(arch: str, request: _Request, entry: WeightsEntry | None, loaded: _Loaded, model: nn.Module, head: str | None) -> dict:
     """``model.pretrained_cfg``: where the weights came from, what they are, and the preprocessing they expect."""
     if entry is not None:
-        cfg = entry.cfg()
+        cfg = PretrainedCfg.from_entry(entry)
     else:
         from ..data.preprocess import PAPER_PREPROCESS
 
-        cfg = {
-            "name": arch,
-            "architecture": arch,
-            "tag": None,
-            "hf_hub_id": None,
-            "revision": None,
-            "filename": None,
-            "urls": [],
-            "sha256": loaded.sha256,
-            "size": None,
-            "format": loaded.format,
-            "license": None,
-            "source": None,
-            "preprocess": copy.deepcopy(PAPER_PREPROCESS),
-            "shortcut": model.shortcut,
-        }
+        cfg = PretrainedCfg(name=arch, architecture=arch, sha256=loaded.sha256, format=loaded.format,
+                            preprocess=copy.deepcopy(PAPER_PREPROCESS), shortcut=model.shortcut)
     if request.ref is not None:
-        cfg.update(hf_hub_id=request.ref.repo_id, revision=request.ref.revision, filename=request.ref.filename, urls=[])
+        cfg = replace(cfg, hf_hub_id=request.ref.repo_id, revision=request.ref.revision, filename=request.ref.filename, urls=[])
     if request.local is not None:
-        cfg.update(filename=request.local.name, urls=[], size=request.local.stat().st_size)
+        cfg = replace(cfg, filename=request.local.name, urls=[], size=request.local.stat().st_size)
     conv1 = loaded.state_dict.get("conv1.weight")
-    cfg.update(
+    cfg = replace(
+        cfg,
         file=str(request.local) if request.local is not None else None,
-        weights_in_chans=int(conv1.shape[1]) if conv1 is not None else cfg.get("weights_in_chans"),
+        weights_in_chans=int(conv1.shape[1]) if conv1 is not None else cfg.weights_in_chans,
         in_chans=model.in_chans,
         head=head,
-    )
+    ).to_dict()
     return {**model.data_cfg((cfg.get("preprocess") or {}).get("size")), **cfg}
