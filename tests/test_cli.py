@@ -34,6 +34,7 @@ from med3d_hub.data.io import read_volume  # noqa: E402
 from med3d_hub.data.preprocess import Preprocess, transforms_for  # noqa: E402
 from med3d_hub.inference.features import extract_features  # noqa: E402
 from med3d_hub.weights.hub_model import build_model  # noqa: E402
+from med3d_hub.weights.factory import resolve_pretrained  # noqa: E402
 from med3d_hub.weights.manifest import read_manifest  # noqa: E402
 
 SIZE = ["--size", "32", "64", "64"]
@@ -247,7 +248,22 @@ def test_intensity_and_size_parsing():
     parser = cli.build_parser()
     args = parser.parse_args(["features", "a", "-o", "f.npy", "--size", "64", "--spacing", "none", "--no-crop-foreground"])
     assert cli.preprocess_overrides(args) == {"size": (64, 64, 64), "spacing": None, "crop_foreground": False}
-    assert cli.resolve_weights("resnet50", "3dseg8") == ("resnet50.3dseg8", True)
-    assert cli.resolve_weights("resnet50.3dseg8", None) == ("resnet50.3dseg8", True)
-    assert cli.resolve_weights("resnet50.3dseg8", "none") == ("resnet50", False)
-    assert cli.resolve_weights("resnet50", "hf://org/repo@abc/w.pth") == ("resnet50", "hf://org/repo@abc/w.pth")
+    assert resolve_pretrained("resnet50", "3dseg8") == ("resnet50.3dseg8", True)
+    assert resolve_pretrained("resnet50.3dseg8", None) == ("resnet50.3dseg8", True)
+    assert resolve_pretrained("resnet50.3dseg8", "none") == ("resnet50", False)
+    assert resolve_pretrained("resnet50", "hf://org/repo@abc/w.pth") == ("resnet50", "hf://org/repo@abc/w.pth")
+
+
+def test_one_pretrained_vocabulary_for_features_and_finetune():
+    """`scratch` and `on` mean the same to every command: random weights, the default weights."""
+    pytest.importorskip("yaml")
+    from med3d_hub.training.finetune_config import PAPER_LR_PRETRAINED, PAPER_LR_SCRATCH, FinetuneConfig
+
+    for word in ("none", "false", "random", "scratch", "no", "off", " Scratch "):
+        assert resolve_pretrained("resnet50", word) == ("resnet50", False), word
+        assert FinetuneConfig(pretrained=word).lr == PAPER_LR_SCRATCH, word
+    for word in ("default", "true", "yes", "on", None):
+        assert resolve_pretrained("resnet50", word) == ("resnet50", True), word
+        assert FinetuneConfig(pretrained=word or "default").lr == PAPER_LR_PRETRAINED, word
+    with pytest.raises(ValueError, match="disagrees"):
+        resolve_pretrained("resnet50.3dseg8", "23datasets")

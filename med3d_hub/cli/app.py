@@ -189,37 +189,11 @@ def preprocess_overrides(args: argparse.Namespace) -> dict:
 
 # -- models and weights -----------------------------------------------------------------------------
 
-_RANDOM = {"none", "false", "random", "no", "off"}
-_DEFAULT = {"default", "true", "yes", "on"}
-_WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
-
-
-def resolve_weights(model: str, pretrained: str | None) -> tuple[str, bool | str]:
-    """``--model`` and ``--pretrained`` -> the ``create_model`` name and ``pretrained`` argument."""
-    from ..networks.registry import split_name
-
-    arch, tag = split_name(model)
-    if pretrained is None or pretrained.lower() in _DEFAULT:
-        return model, True
-    if pretrained.lower() in _RANDOM:
-        return arch, False
-    if pretrained.startswith("hf://"):
-        return arch, pretrained
-    path = Path(pretrained).expanduser()
-    if path.exists() or os.sep in pretrained or "/" in pretrained or pretrained.lower().endswith(_WEIGHT_SUFFIXES):
-        if not path.is_file():
-            raise UserError(f"--pretrained {pretrained}: no such file (give a MedicalNet .pth or a .safetensors file)")
-        return arch, str(path)
-    if tag is not None and tag != pretrained:
-        raise UserError(f"--model {model} already names the weights {tag!r}; --pretrained {pretrained} disagrees")
-    return f"{arch}.{pretrained}", True
-
-
 def load_model(args: argparse.Namespace, **kwargs: Any):
     """The model of ``--model``/``--pretrained`` (backbone only) and a label for its weights."""
-    from ..weights.factory import create_model
+    from ..weights.factory import create_model, resolve_pretrained
 
-    name, pretrained = resolve_weights(args.model, args.pretrained)
+    name, pretrained = resolve_pretrained(args.model, args.pretrained)
     if pretrained is False:
         import torch
 

@@ -29,19 +29,13 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ..weights.factory import is_random
 from .config import ConfigError, TrainConfig, _check_choice, _check_int, _check_keys, _number, resolve_config_path
 
-__all__ = ["FinetuneConfig", "load_finetune_config", "PAPER_LR_PRETRAINED", "PAPER_LR_SCRATCH", "is_scratch"]
+__all__ = ["FinetuneConfig", "load_finetune_config", "PAPER_LR_PRETRAINED", "PAPER_LR_SCRATCH"]
 
 PAPER_LR_PRETRAINED = 1e-3
 PAPER_LR_SCRATCH = 1e-2
-_SCRATCH = {"none", "false", "random", "scratch", "no", "off"}
-
-
-def is_scratch(pretrained: str) -> bool:
-    return str(pretrained).strip().lower() in _SCRATCH
-
-
 @dataclass
 class FinetuneConfig(TrainConfig):
     """Every setting of a fine-tuning run (see the module docstring for the keys added)."""
@@ -76,7 +70,7 @@ class FinetuneConfig(TrainConfig):
         if not isinstance(self.pretrained, str) or not self.pretrained.strip():
             raise ConfigError(f"pretrained must be a tag, a file, 'default' or 'none', got {self.pretrained!r}")
         if self.lr is None:
-            self.lr = PAPER_LR_SCRATCH if is_scratch(self.pretrained) else PAPER_LR_PRETRAINED
+            self.lr = PAPER_LR_SCRATCH if is_random(self.pretrained) else PAPER_LR_PRETRAINED
         super().__post_init__()
         _check_choice(self.decoder, "decoder", ("paper", "conv_seg"))
         if _number(self.new_layers_lr_mult, "new_layers_lr_mult") <= 0:
@@ -119,7 +113,7 @@ class FinetuneConfig(TrainConfig):
 
     @property
     def scratch(self) -> bool:
-        return is_scratch(self.pretrained)
+        return is_random(self.pretrained)
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "config") -> FinetuneConfig:

@@ -15,20 +15,18 @@ paper's decoder is not a zoo head, so that model holds the fine-tuned encoder on
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import MissingFileError, UsageError
+from ..errors import UsageError
 from ..networks.heads import SegmentationHead
 from ..networks.registry import split_name
-from ..weights.factory import create_model
+from ..weights.factory import create_model, resolve_pretrained
 from ..weights.hub_model import build_model
-from .finetune_config import FinetuneConfig, is_scratch
+from .finetune_config import FinetuneConfig
 
-__all__ = ["FinetuneNet", "PaperDecoder", "build_finetune_net", "encoder_weights", "to_zoo_model"]
+__all__ = ["FinetuneNet", "PaperDecoder", "build_finetune_net", "to_zoo_model"]
 
 PAPER_DECODER_CHANNELS = (256, 128, 64)
 
@@ -93,29 +91,12 @@ class FinetuneNet(nn.Module):
         return logits
 
 
-def encoder_weights(arch: str, pretrained: str):
-    """``create_model`` name and ``pretrained`` argument for a ``pretrained`` setting."""
-    text = str(pretrained).strip()
-    if is_scratch(text):
-        return arch, False
-    if text.lower() in ("default", "true", "yes"):
-        return arch, True
-    if text.startswith("hf://"):
-        return arch, text
-    path = Path(text).expanduser()
-    if path.exists() or "/" in text or text.lower().endswith((".pth", ".pt", ".safetensors", ".bin", ".ckpt")):
-        if not path.is_file():
-            raise MissingFileError(f"pretrained {text}: no such file (a MedicalNet .pth or a .safetensors encoder)")
-        return arch, str(path)
-    return f"{arch}.{text}", True
-
-
 def build_finetune_net(cfg: FinetuneConfig, num_classes: int) -> FinetuneNet:
     """The encoder with ``cfg.pretrained`` loaded strictly, and a freshly initialised head."""
     arch, tag = split_name(cfg.model)
     if tag is not None:
         raise UsageError(f"model {cfg.model!r}: give the architecture as model and the weights as pretrained ({tag!r})")
-    name, pretrained = encoder_weights(arch, cfg.pretrained)
+    name, pretrained = resolve_pretrained(arch, cfg.pretrained)
     encoder = create_model(name, pretrained=pretrained, num_classes=0)
     return FinetuneNet(encoder, cfg.task, num_classes, cfg.decoder, cfg.drop_rate)
 

@@ -1,11 +1,26 @@
-"""The one door to a model: `create_model` builds the network by name, then asks the loader for weights."""
+"""The one door to a model: `create_model` builds the network by name, then asks the loader for weights.
+
+`resolve_pretrained` is the one reading of a `--pretrained` value (the `med3d` commands, `pretrained:` in
+fine-tuning recipes), with one vocabulary, documented in docs/pretrained.md:
+
+| value | means |
+| --- | --- |
+| `default`, `true`, `yes`, `on` (or no value) | the weights of the name's tag, or the depth's default |
+| `none`, `false`, `random`, `scratch`, `no`, `off` | random weights |
+| `hf://org/repo@revision/file` | that file on the Hub |
+| a path (it exists, has a `/`, or ends in .pth .pt .bin .safetensors .ckpt) | that local file |
+| anything else | a weights tag: `--model resnet50 --pretrained 3dseg8` is `resnet50.3dseg8` |
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from ..errors import MissingFileError, UsageError
 from ..networks.registry import split_name
 from .hub_model import build_model
 
@@ -26,3 +41,33 @@ def create_model(name: str, pretrained: bool | str = False, **kwargs: Any) -> nn
     from .pretrained import create_pretrained  # the Hub layer loads only when weights are asked for
 
     return create_pretrained(arch, tag, pretrained, **kwargs)
+
+
+DEFAULT_WORDS = frozenset({"default", "true", "yes", "on"})
+RANDOM_WORDS = frozenset({"none", "false", "random", "scratch", "no", "off"})
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+
+
+def is_random(pretrained: str | None) -> bool:
+    """True when a `--pretrained` value asks for random weights."""
+    return pretrained is not None and str(pretrained).strip().lower() in RANDOM_WORDS
+
+
+def resolve_pretrained(model: str, pretrained: str | None) -> tuple[str, bool | str]:
+    """`--model` and `--pretrained` -> the `create_model` name and `pretrained` argument (see the table above)."""
+    arch, tag = split_name(model)
+    text = None if pretrained is None else str(pretrained).strip()
+    if text is None or text.lower() in DEFAULT_WORDS:
+        return model, True
+    if text.lower() in RANDOM_WORDS:
+        return arch, False
+    if text.startswith("hf://"):
+        return arch, text
+    path = Path(text).expanduser()
+    if path.exists() or os.sep in text or "/" in text or text.lower().endswith(WEIGHT_SUFFIXES):
+        if not path.is_file():
+            raise MissingFileError(f"--pretrained {text}: no such file (give a MedicalNet .pth or a .safetensors file)")
+        return arch, str(path)
+    if tag is not None and tag != text:
+        raise UsageError(f"--model {model} already names the weights {tag!r}; --pretrained {text} disagrees")
+    return f"{arch}.{text}", True
