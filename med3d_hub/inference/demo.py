@@ -35,7 +35,8 @@ from torch import nn
 from ..data.io import Volume, VolumeReadError, read_volume
 from ..data.preprocess import Preprocess, transforms_for
 from ..errors import MissingFileError, UsageError
-from .features import describe_preprocess, iter_features, save_features, write_atomically
+from ..files import atomic_write
+from .features import describe_preprocess, iter_features, save_features
 
 __all__ = ["CRANIUM_INV3", "DEFAULT_SCANS", "DemoResult", "load_scan", "read_inv3", "run_demo", "save_picture"]
 
@@ -304,7 +305,8 @@ def save_picture(
     fig.suptitle(title, fontsize=11)
     fig.text(0.01, 0.01, "neurological view: patient's left on the left; anterior / superior up", fontsize=8)
     try:
-        write_atomically(path, lambda handle: fig.savefig(handle, format="png"))
+        with atomic_write(path, fsync=True) as handle:
+            fig.savefig(handle, format="png")
     finally:
         plt.close(fig)
     return path

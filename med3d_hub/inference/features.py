@@ -30,7 +30,6 @@ import contextlib
 import copy
 import json
 import os
-import tempfile
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -46,6 +45,7 @@ from torch import nn
 from ..data.io import Volume, read_volume
 from ..data.preprocess import Preprocess, transforms_for
 from ..errors import Med3DError, MissingFileError, UsageError
+from ..files import atomic_write
 
 __all__ = [
     "MAPS",
@@ -60,7 +60,6 @@ __all__ = [
     "load_features",
     "resolve_device",
     "save_features",
-    "write_atomically",
     "stack_results",
 ]
 
@@ -547,7 +546,8 @@ def save_features(path: str | os.PathLike, features: Features, names: Sequence[s
         else:
             _parquet_frame(np.asarray(features), names).to_parquet(handle, index=False)
 
-    write_atomically(path, write)
+    with atomic_write(path, fsync=True) as handle:
+        write(handle)
     return path
 
 
@@ -675,29 +675,3 @@ def _parquet_frame(features: np.ndarray, names: list[str]):
     frame = pd.DataFrame(features, columns=[f"f{j}" for j in range(features.shape[1])])
     frame.insert(0, "file", names)
     return frame
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_atomically(path: str | os.PathLike, write: Callable) -> None:
-    """Call ``write(binary_handle)`` on a temporary file next to ``path``, then rename it into place.
-
-    Readers never see a half-written file, and a failure leaves the previous file untouched.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the usual mode
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

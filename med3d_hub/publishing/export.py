@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import Med3DError, UsageError
+from ..files import sha256_file
 from ..networks.resnet import ARCHITECTURES
 from ..weights import model_files
 from ..weights.checkpoints import HEAD_PREFIXES, infer_shortcut
@@ -522,8 +523,6 @@ def export(
     try:
         files = _write_files(run, tmp, medicalnet_pth)
         weights = tmp / model_files.WEIGHTS_NAME
-        from ..weights.hub import sha256_file
-
         sha256 = sha256_file(weights)
         size = weights.stat().st_size
         card = model_card(run, files=files, license=license, description=description, repo_id=repo_id, tag=tag,

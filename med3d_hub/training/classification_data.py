@@ -34,7 +34,7 @@ import torch
 
 from ..data.io import VolumeReadError, read_volume
 from ..data.preprocess import PAPER_PREPROCESS, Preprocess
-from ..files import atomic_write
+from ..files import atomic_write, read_json
 from .data import BadCaseWarning, DataError, MicroBatchPlan, default_cache_dir
 from .distributed import DistContext
 from .finetune_config import ConfigError, FinetuneConfig
@@ -209,7 +209,7 @@ def prepare_classification(cfg: FinetuneConfig, ctx: DistContext | None = None, 
             try:
                 key = {**settings, "fingerprint": _fingerprint(row.path)}
                 meta_path = folder / f"{row.case_id}.json"
-                meta = _read_json(meta_path)
+                meta = read_json(meta_path)
                 if meta is not None and meta.get("key") == key and (folder / f"{row.case_id}.npy").is_file():
                     continue
                 meta_path.unlink(missing_ok=True)
@@ -260,13 +260,6 @@ def prepare_classification(cfg: FinetuneConfig, ctx: DistContext | None = None, 
         + (f", {len(task.test)} test row(s) left out" if task.test else "")
         + (f", {len(bad)} skipped" if bad else ""))
     return [task]
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 class LabelledVolumeDataset(torch.utils.data.Dataset):

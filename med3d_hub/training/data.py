@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from ..data.io import Volume, VolumeReadError, read_volume
 from ..data.preprocess import PAPER_PREPROCESS, Preprocess
 from ..errors import Med3DError
-from ..files import atomic_write
+from ..files import atomic_write, read_json
 from .config import ConfigError, TaskConfig, TrainConfig
 from .distributed import DistContext
 
@@ -249,13 +249,6 @@ def _inspect(case: Case, num_classes: int, channel: int | None) -> dict:
     return {"error": None, "shape": list(image.shape), "spacing": [float(s) for s in image.spacing]}
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _write_json(path: Path, obj: dict) -> None:
     with atomic_write(path, "w") as f:
         json.dump(obj, f)
@@ -273,7 +266,7 @@ def _inspect_cached(case: Case, num_classes: int, channel: int | None, folder: P
     except OSError:
         return _inspect(case, num_classes, channel)  # a missing file: reported, nothing cached
     key = {"version": CACHE_VERSION, "fingerprint": fingerprint, "num_classes": num_classes, "channel": channel}
-    cached = _read_json(record_path)
+    cached = read_json(record_path)
     if cached is not None and cached.get("key") == key:
         return cached["result"]
     result = _inspect(case, num_classes, channel)
@@ -308,7 +301,7 @@ def _preprocess(case: Case, channel: int | None, pre: Preprocess, out: Path, key
 
 
 def _is_cached(folder: Path, case_id: str, key: dict) -> bool:
-    meta = _read_json(folder / f"{case_id}.json")
+    meta = read_json(folder / f"{case_id}.json")
     return meta is not None and meta.get("key") == key and all(
         (folder / f"{case_id}.{kind}.npy").is_file() for kind in ("image", "label", "fg")
     )

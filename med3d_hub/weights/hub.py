@@ -42,6 +42,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 import torch
 
 from ..errors import EXIT_UNREACHABLE, Med3DError, UsageError
+from ..files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,6 @@ CACHE_FORMAT = "med3d_hub.state_dict.v2"
 STALE_AFTER_S = 6 * 3600.0  # a temporary file untouched this long belongs to a killed process
 DEADLINE_ENV = "MED3D_HUB_DOWNLOAD_DEADLINE"
 RETRIES_ENV = "MED3D_HUB_DOWNLOAD_RETRIES"
-_CHUNK = 8 << 20
 _READ = 1 << 20  # at most this many bytes per read of a download: memory stays flat
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TRUE = {"1", "on", "yes", "true"}
@@ -308,14 +308,6 @@ def settings(
 
 
 # -- hashing -----------------------------------------------------------------------------------------
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def is_sha256(text: str) -> bool:

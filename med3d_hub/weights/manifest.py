@@ -16,12 +16,12 @@ import fnmatch
 import json
 import os
 import re
-import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ..errors import Med3DError, UsageError
+from ..files import atomic_write
 from ..networks.resnet import ARCHITECTURES
 from .hub import check_hub_file
 from .pretrained_cfg import PretrainedCfg
@@ -324,17 +324,8 @@ def write_manifest(path: str | os.PathLike, data: Mapping[str, Any]) -> list[Wei
     path = Path(path)
     _entries_of(data, path)
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, "w", fsync=True) as f:
+        f.write(text)
     return read_manifest(path)
 
 

@@ -301,7 +301,7 @@ def load_pretrained(
     model.to(map_location)
     model.eval()
     from ..data.preprocess import PAPER_PREPROCESS, Preprocess
-    from .hub import sha256_file
+    from ..files import sha256_file
 
     preprocess = (config or {}).get("preprocess")
     conv1 = state.get("conv1.weight")

@@ -30,6 +30,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import MissingFileError, UsageError
+from ..files import atomic_write
 from ..networks.heads import SegmentationHead
 from ..networks.resnet import init_weights
 from . import checkpoints, hub
@@ -199,10 +200,8 @@ def _local_identity(path: Path, s: hub.Settings) -> _Identity:
     sha256 = hub.sha256_file(path)
     if time.time() - max(st.st_mtime, st.st_ctime) > _HASH_MEMO_MIN_AGE_S:
         try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo.with_name(f".{key}.{os.getpid()}.tmp")
-            tmp.write_text(f"{sha256} {sample}")
-            os.replace(tmp, memo)
+            with atomic_write(memo, "w") as f:
+                f.write(f"{sha256} {sample}")
         except OSError:  # a read-only cache: hash every time
             pass
     return _Identity(sha256, sample, False)
