@@ -13,7 +13,8 @@ import inspect
 from ..errors import UsageError
 from .resnet import ARCHITECTURES, Med3DResNet
 
-MODEL_ARGS = frozenset(inspect.signature(Med3DResNet.__init__).parameters) - {"self", "block", "layers"}
+# the network's options, in the order of its constructor (block and layers come from the name)
+MODEL_ARGS = tuple(p for p in inspect.signature(Med3DResNet.__init__).parameters if p not in ("self", "block", "layers"))
 FEATURE_ARGS = frozenset({"features_only", "out_indices"})
 
 

@@ -59,10 +59,10 @@ class Med3DResNetFeatures(resnet.Med3DResNetFeatures, Med3DResNet):
 
 def build_model(arch: str, *, features_only: bool = False, out_indices=(1, 2, 3, 4), **kwargs: Any) -> nn.Module:
     """Build architecture `arch` with random weights; kwargs are the model's options."""
-    unknown = set(kwargs) - MODEL_ARGS
+    unknown = set(kwargs) - set(MODEL_ARGS)
     if unknown:
         raise UsageError(
-            f"unknown argument(s) {sorted(unknown)} for {arch}; accepted: {sorted(MODEL_ARGS | FEATURE_ARGS)}"
+            f"unknown argument(s) {sorted(unknown)} for {arch}; accepted: {sorted({*MODEL_ARGS, *FEATURE_ARGS})}"
         )
     spec = ARCHITECTURES[arch]
     kwargs.setdefault("shortcut", spec["shortcut"])

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import Med3DError, MissingFileError, UsageError
+from ..networks import registry
 from ..networks.resnet import ARCHITECTURES, DILATED_LAYOUT, STRIDED_LAYOUT
 from .checkpoints import HEAD_PREFIXES, CheckpointMismatchError, check_backbone
 from .pretrained_cfg import PretrainedCfg
@@ -56,10 +57,7 @@ __all__ = [
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CONFIG_FORMAT = "med3d_hub.resnet.v1"
-MODEL_ARGS = (
-    "block", "layers", "shortcut", "in_chans", "num_classes", "seg_classes", "seg_upsample", "dilated",
-    "drop_rate", "drop_path_rate",
-)  # fmt: skip
+MODEL_ARGS = ("block", "layers", *registry.MODEL_ARGS)  # config.json keys that rebuild the network
 DESCRIPTIVE_KEYS = (
     "format", "architecture", "depth", "strides", "dilation", "output_stride", "num_features", "preprocess",
 )  # fmt: skip
