@@ -96,34 +96,45 @@ def model_card(
     tag: str | None = None,
     sha256: str | None = None,
 ) -> str:
-    """The text of README.md."""
-    from ..data.preprocess import Preprocess
-    from ..inference.features import describe_preprocess
-    from ..weights.model_files import create_model_kwargs
-
+    """The text of README.md: Hub metadata, then one section after another."""
     arch = run.architecture
     name = f"{arch}.{tag}" if tag else arch
-    config = run.config
-    kwargs = create_model_kwargs(config)
-    kwargs.pop("shortcut", None)  # the manifest entry knows it
-    args = "".join(f", {k}={v!r}" for k, v in kwargs.items() if not (k == "in_chans" and v == 1))
-    if not config.get("num_classes") and not config.get("seg_classes"):
-        args = ", num_classes=0" + args.replace(", num_classes=0", "")
-    repo = repo_id or "ORG/NAME"
     meta = card_metadata(run, license=license, name=name).to_yaml()
-    depth = arch.removeprefix("resnet")
-    head = {
-        None: "none: the encoder alone (the co-training decoder branches are dropped, as in the paper)",
-    }.get(run.head, run.head)
-    preprocess = Preprocess.from_dict(run.preprocess)
-
     out = [f"---\n{meta}\n---\n", f"# {name}\n", f"{description}.\n"]
     out.append(
-        f"A Med3D 3D ResNet-{depth} (Chen, Ma, Zheng 2019) for CT and MRI volumes, in the layout of "
-        f"med3d-hub's model zoo: MedicalNet's parameter names, {_layout(config)}. "
+        f"A Med3D 3D ResNet-{arch.removeprefix('resnet')} (Chen, Ma, Zheng 2019) for CT and MRI volumes, in the layout of "
+        f"med3d-hub's model zoo: MedicalNet's parameter names, {_layout(run.config)}. "
         "The weights load strictly; a mismatch is an error that names the keys.\n"
     )
-    out.append("## How to use\n")
+    out += _usage(run, name, repo_id or "ORG/NAME")
+    out += _model_section(run, sha256)
+    out += _preprocessing_section(run)
+    out += _training_data_results(run, files)
+    out += _use_and_limits(run)
+    out.append("## Files\n")
+    described = dict(EXPORT_FILES)
+    out.append(_table(("file", "content"), [
+        (f"`{f}`", described.get(f, "the backbone in MedicalNet's layout (`state_dict`, `module.` keys), for upstream code"))
+        for f in files
+    ]))  # fmt: skip
+    out.append("## Citation\n")
+    out.append(f"```bibtex\n{CITATION}\n```\n")
+    return "\n".join(out)
+
+
+def _encoder_only(config: dict) -> bool:
+    return not config.get("num_classes") and not config.get("seg_classes")
+
+
+def _usage(run: Run, name: str, repo: str) -> list[str]:
+    from ..weights.model_files import create_model_kwargs
+
+    kwargs = create_model_kwargs(run.config)
+    kwargs.pop("shortcut", None)  # the manifest entry knows it
+    args = "".join(f", {k}={v!r}" for k, v in kwargs.items() if not (k == "in_chans" and v == 1))
+    if _encoder_only(run.config):
+        args = ", num_classes=0" + args.replace(", num_classes=0", "")
+    out = ["## How to use\n"]
     out.append(
         "```python\nimport med3d_hub\n\n"
         f"# through a weights manifest that lists {name} (`med3d publish` writes the entry)\n"
@@ -133,14 +144,21 @@ def model_card(
         "from med3d_hub.models import Med3DResNet\n"
         f"model = Med3DResNet.from_pretrained({repo!r})\n```\n"
     )
-    if not config.get("num_classes") and not config.get("seg_classes"):
+    if _encoder_only(run.config):
         out.append(
             "For a new task, add a head: `num_classes=K` (linear head on the pooled embedding) or "
             "`seg_classes=K` (MedicalNet's segmentation head); the head starts freshly initialised.\n"
         )
-    out.append("## Model\n")
+    return out
+
+
+def _model_section(run: Run, sha256: str | None) -> list[str]:
+    config = run.config
+    head = {
+        None: "none: the encoder alone (the co-training decoder branches are dropped, as in the paper)",
+    }.get(run.head, run.head)
     rows = [
-        ("architecture", f"{arch}: {config['block']} blocks {'-'.join(map(str, config['layers']))}, shortcut {config['shortcut']}"),
+        ("architecture", f"{run.architecture}: {config['block']} blocks {'-'.join(map(str, config['layers']))}, shortcut {config['shortcut']}"),
         ("strides / dilation", f"{config['strides']} / {config['dilation']} (output stride {config['output_stride']})"),
         ("input", f"N x {config['in_chans']} x D x H x W"),
         ("head", head),
@@ -149,17 +167,25 @@ def model_card(
     ]
     if sha256:
         rows.append(("sha256 of model.safetensors", f"`{sha256}`"))
-    out.append(_table(("property", "value"), rows))
+    return ["## Model\n", _table(("property", "value"), rows)]
 
-    out.append("## Preprocessing\n")
-    out.append(f"{describe_preprocess(preprocess)}.\n")
-    out.append(f"```json\n{json.dumps(run.preprocess)}\n```\n")
+
+def _preprocessing_section(run: Run) -> list[str]:
+    from ..data.preprocess import Preprocess
+    from ..inference.features import describe_preprocess
+
+    preprocess = Preprocess.from_dict(run.preprocess)
+    out = ["## Preprocessing\n", f"{describe_preprocess(preprocess)}.\n", f"```json\n{json.dumps(run.preprocess)}\n```\n"]
     if run.kind == "co-training run" and preprocess.spacing is None:
         out.append(
             "During co-training every dataset was resampled to its own median voxel spacing; resample new data "
             "to the median spacing of its dataset the same way.\n"
         )
+    return out
 
+
+def _training_data_results(run: Run, files: list[str]) -> list[str]:
+    out = []
     if run.training:
         out.append("## Training\n")
         out.append(_recipe(run))
@@ -184,8 +210,11 @@ def model_card(
         out.append(_table(("dataset", "Dice", "per class"), rows))
         if "curves.png" in files:
             out.append("![training curves](curves.png)\n")
+    return out
 
-    out.append("## Intended use\n")
+
+def _use_and_limits(run: Run) -> list[str]:
+    out = ["## Intended use\n"]
     out.append(
         "Research on 3D medical image analysis: a pretrained encoder to fine-tune for segmentation or "
         "classification of CT and MRI volumes, or to extract features. It is not a medical device and must "
@@ -195,24 +224,14 @@ def model_card(
     limits = [
         "Trained on the datasets listed above only: other scanners, protocols, body regions and populations "
         "may behave differently; check on your own data before relying on the features.",
-        f"Expects {config['in_chans']}-channel input, preprocessed as above; other normalisations shift the features.",
+        f"Expects {run.config['in_chans']}-channel input, preprocessed as above; other normalisations shift the features.",
         "The validation Dice comes from cases of the training datasets (a held-out split), not from an "
         "independent test set.",
     ]
     if run.head is None:
         limits.append("An encoder only: it needs a head and fine-tuning before it predicts anything.")
     out.append("".join(f"- {line}\n" for line in limits))
-
-    out.append("## Files\n")
-    described = dict(EXPORT_FILES)
-    out.append(_table(("file", "content"), [
-        (f"`{f}`", described.get(f, "the backbone in MedicalNet's layout (`state_dict`, `module.` keys), for upstream code"))
-        for f in files
-    ]))  # fmt: skip
-
-    out.append("## Citation\n")
-    out.append(f"```bibtex\n{CITATION}\n```\n")
-    return "\n".join(out)
+    return out
 
 
 def _recipe(run: Run) -> str:
