@@ -82,7 +82,7 @@ def test_segmentation_from_pretrained_encoder_writes_a_publishable_run(data, tmp
     net = load_finetuned(out)
     assert net(torch.randn(1, 1, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
 
-    from med3d_hub.publishing.export import read_run
+    from med3d_hub.publishing.run import read_run
 
     run = read_run(out)
     assert run.kind == "model folder" and run.validation.step == 4

@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 import med3d_hub  # noqa: E402
 from med3d_hub.cli import app as cli  # noqa: E402
 from med3d_hub.publishing import publish as publish_module  # noqa: E402
-from med3d_hub.publishing.export import RunError, export, read_run  # noqa: E402
+from med3d_hub.publishing.export import export  # noqa: E402
+from med3d_hub.publishing.run import RunError, read_run  # noqa: E402
 from med3d_hub.publishing.publish import fixed_input, publish  # noqa: E402
 from med3d_hub.weights import manifest  # noqa: E402
 

@@ -662,7 +662,8 @@ def _preprocess_argument(text: str | None) -> dict | None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..publishing.export import export, read_run
+    from ..publishing.export import export
+    from ..publishing.run import read_run
 
     run = read_run(args.run, checkpoint=args.checkpoint, preprocess=_preprocess_argument(args.preprocess),
                    datasets=args.dataset)

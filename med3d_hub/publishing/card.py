@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from ..weights import model_files
 
 if TYPE_CHECKING:
-    from .export import Run
+    from .run import Run
 
 __all__ = ["CITATION", "EXPORT_FILES", "PAPER", "model_card"]
 

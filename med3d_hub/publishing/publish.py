@@ -5,7 +5,7 @@
 
 The steps, and what each one guarantees:
 
-1. **Check.** The run is read and its weights checked (``export.read_run``: no NaN or infinite
+1. **Check.** The run is read and its weights checked (``run.read_run``: no NaN or infinite
    values, a strict load). The new entry is validated against the manifest: a ``model.tag`` the
    manifest (or the shipped one) already lists is refused unless ``force``.
 2. **Export** into a temporary folder (``export.export``): weights, config, model card, record.
@@ -46,7 +46,8 @@ from torch import nn
 from ..errors import EXIT_PUBLISH_FAILED, EXIT_USAGE, Med3DError
 from ..weights import hub, model_files
 from ..weights.manifest import EntryExistsError, manifest_with_entry, read_manifest, shipped_entries, write_manifest
-from .export import Exported, Run, export, read_run
+from .export import Exported, export
+from .run import Run, read_run
 
 __all__ = ["Published", "PublishError", "PublishRefused", "RoundTripError", "fixed_input", "manifest_entry", "publish"]
 
