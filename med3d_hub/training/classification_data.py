@@ -34,14 +34,14 @@ import torch
 
 from ..data.io import VolumeReadError, read_volume
 from ..data.preprocess import PAPER_PREPROCESS, Preprocess
-from ..files import atomic_write, read_json
-from .data import BadCaseWarning, DataError, MicroBatchPlan, default_cache_dir
+from .data import BadCaseWarning, DataError, MicroBatchPlan, default_cache_dir, fill_everywhere, is_cached, save_case
 from .distributed import DistContext
 from .finetune_config import ConfigError, FinetuneConfig
 
 __all__ = ["ClsTask", "CsvRow", "LabelledVolumeDataset", "prepare_classification", "read_label_csv"]
 
 CACHE_VERSION = 1
+CLS_ARRAYS = (".npy",)  # a case is <case_id>.npy and <case_id>.json (see data.save_case)
 _SPLITS = {"train": "train", "training": "train", "": "train", "val": "val", "valid": "val", "validation": "val",
            "test": "test"}
 
@@ -208,30 +208,19 @@ def prepare_classification(cfg: FinetuneConfig, ctx: DistContext | None = None, 
             row = rows[k]
             try:
                 key = {**settings, "fingerprint": _fingerprint(row.path)}
-                meta_path = folder / f"{row.case_id}.json"
-                meta = read_json(meta_path)
-                if meta is not None and meta.get("key") == key and (folder / f"{row.case_id}.npy").is_file():
+                if is_cached(folder, row.case_id, key, CLS_ARRAYS):
                     continue
-                meta_path.unlink(missing_ok=True)
+                (folder / f"{row.case_id}.json").unlink(missing_ok=True)
                 image = pre(read_volume(row.path))[0].numpy()
                 if not np.isfinite(image).all():
                     raise VolumeReadError("the image holds NaN or infinite values")
-                with atomic_write(folder / f"{row.case_id}.npy") as f:
-                    np.save(f, image, allow_pickle=False)
-                with atomic_write(meta_path, "w") as f:
-                    json.dump({"key": key}, f)
+                save_case(folder, row.case_id, {CLS_ARRAYS[0]: image}, {"key": key})
             except (VolumeReadError, OSError, ValueError, RuntimeError) as err:
                 failures[k] = f"line {row.line}: {row.path}: {err}"
         return failures
 
     log(f"data: {cfg.csv}: {len(rows)} usable row(s); checking the preprocessing cache in {folder}")
-    failures: dict[int, str] = {}
-    for part in ctx.all_gather_object(fill(range(ctx.rank, len(rows), ctx.world_size))):
-        failures.update(part)
-    failures.update(fill(k for k in range(len(rows)) if k not in failures))  # another node's cache share
-    merged: dict[int, str] = {}
-    for part in ctx.all_gather_object(failures):
-        merged.update(part)
+    merged = fill_everywhere(ctx, len(rows), fill)
     bad = bad + [merged[k] for k in sorted(merged)]
     if bad:
         bad.sort(key=lambda m: int(m.split(":")[0].split()[1]))

@@ -32,7 +32,7 @@ import json
 import os
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -294,17 +294,42 @@ def _preprocess(case: Case, channel: int | None, pre: Preprocess, out: Path, key
         coords = np.stack(np.unravel_index(flat, label_np.shape), axis=1)
         parts.append(np.concatenate([np.full((len(coords), 1), cls), coords], axis=1))
     fg = np.concatenate(parts).astype(np.int32) if parts else np.zeros((0, 4), np.int32)
-    _save_npy(out / f"{case.case_id}.image.npy", image.numpy())
-    _save_npy(out / f"{case.case_id}.label.npy", label_np)
-    _save_npy(out / f"{case.case_id}.fg.npy", fg)
-    _write_json(meta_path, {"key": key, "shape": list(image.shape)})
+    save_case(out, case.case_id, dict(zip(SEG_ARRAYS, (image.numpy(), label_np, fg))), {"key": key, "shape": list(image.shape)})
 
 
-def _is_cached(folder: Path, case_id: str, key: dict) -> bool:
+# -- the preprocessing cache, shared with classification_data ---------------------------------------
+# A case is `<case_id>.json` ({"key": ...}, written last: the commit) beside its arrays.
+
+SEG_ARRAYS = (".image.npy", ".label.npy", ".fg.npy")
+
+
+def is_cached(folder: Path, case_id: str, key: dict, arrays: tuple[str, ...] = SEG_ARRAYS) -> bool:
+    """True when the case's record has this key and every one of its arrays is there."""
     meta = read_json(folder / f"{case_id}.json")
-    return meta is not None and meta.get("key") == key and all(
-        (folder / f"{case_id}.{kind}.npy").is_file() for kind in ("image", "label", "fg")
-    )
+    return meta is not None and meta.get("key") == key and all((folder / f"{case_id}{a}").is_file() for a in arrays)
+
+
+def save_case(folder: Path, case_id: str, arrays: dict[str, np.ndarray], record: dict) -> None:
+    """Write a case's arrays, then its record (the commit): a reader sees a whole case or none."""
+    for suffix, array in arrays.items():
+        _save_npy(folder / f"{case_id}{suffix}", array)
+    _write_json(folder / f"{case_id}.json", record)
+
+
+def fill_everywhere(ctx: DistContext, count: int, fill: Callable[[Iterable[int]], dict[int, str]]) -> dict[int, str]:
+    """Run ``fill(indices) -> {index: error}`` over ``range(count)`` on every rank; the failures of all.
+
+    Each rank fills its share first, then what it still lacks (ranks on other nodes may not share the
+    cache folder), so that every rank ends with a complete cache and the same list of failures.
+    """
+    failures: dict[int, str] = {}
+    for part in ctx.all_gather_object(fill(range(ctx.rank, count, ctx.world_size))):
+        failures.update(part)
+    failures.update(fill(k for k in range(count) if k not in failures))
+    merged: dict[int, str] = {}
+    for part in ctx.all_gather_object(failures):
+        merged.update(part)
+    return merged
 
 
 # -- the whole run -----------------------------------------------------------------------------
@@ -418,7 +443,7 @@ def prepare_tasks(cfg: TrainConfig, ctx: DistContext | None = None, log=print) -
             case = plan.cases[c]
             try:
                 key = {**keys[t], "fingerprint": _fingerprint(case)}
-                if _is_cached(task.folder, case.case_id, key):
+                if is_cached(task.folder, case.case_id, key):
                     continue
                 _preprocess(case, plan.channel, pres[t], task.folder, key)
             except (VolumeReadError, OSError, ValueError, RuntimeError) as err:
@@ -427,12 +452,7 @@ def prepare_tasks(cfg: TrainConfig, ctx: DistContext | None = None, log=print) -
 
     todo = sum(1 for k in range(len(work)) if not results[k]["error"])
     log(f"data: {len(plans)} task(s), {todo} case(s); checking the preprocessing cache in {cache_root}")
-    failures: dict[int, str] = {}
-    for part in ctx.all_gather_object(fill(range(ctx.rank, len(work), ctx.world_size))):
-        failures.update(part)
-    # Ranks on other nodes may not share the cache folder: fill in anything still missing here.
-    failures.update(fill(range(len(work))))
-    failed = sorted({msg for part in ctx.all_gather_object(failures) for msg in part.values()})
+    failed = sorted(set(fill_everywhere(ctx, len(work), fill).values()))
     if failed:
         raise DataError("preprocessing failed:\n" + "\n".join(f"  {m}" for m in failed[:20]))
     for task in prepared:
