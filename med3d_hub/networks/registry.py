@@ -24,6 +24,12 @@ def list_models(pattern: str | None = None) -> list[str]:
     return names if pattern is None else [n for n in names if fnmatch.fnmatchcase(n, pattern)]
 
 
+def architecture_of(block: str, layers) -> str | None:
+    """``"resnet50"`` for a bottleneck network with blocks 3-4-6-3; None for a layout outside the zoo."""
+    layers = tuple(layers)
+    return next((name for name, spec in ARCHITECTURES.items() if spec["block"] == block and spec["layers"] == layers), None)
+
+
 def split_name(name: str) -> tuple[str, str | None]:
     """`"resnet50.3dseg8"` -> `("resnet50", "3dseg8")`; raises a helpful error for unknown names."""
     if not isinstance(name, str):

@@ -15,6 +15,7 @@ from typing import Mapping
 import torch
 
 from ..errors import Med3DError, UsageError
+from ..networks.registry import architecture_of
 
 __all__ = [
     "HEAD_PREFIXES",
@@ -106,8 +107,6 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "module."
 
 def architecture_of_keys(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     """The zoo architecture whose block type and blocks per stage these backbone keys have (None if none fits)."""
-    from .model_files import architecture_of
-
     block = "bottleneck" if any(k.endswith(".conv3.weight") for k in state_dict) else "basic"
     return architecture_of(block, (len({k.split(".")[1] for k in state_dict if k.startswith(f"layer{i}.")}) for i in range(1, 5)))
 

@@ -31,7 +31,8 @@ from torch import nn
 
 from ..errors import Med3DError, MissingFileError, UsageError
 from ..networks import registry
-from ..networks.resnet import ARCHITECTURES, DILATED_LAYOUT, STRIDED_LAYOUT
+from ..networks.registry import architecture_of
+from ..networks.resnet import DILATED_LAYOUT, STRIDED_LAYOUT
 from .checkpoints import HEAD_PREFIXES, CheckpointMismatchError, check_backbone
 from .pretrained_cfg import PretrainedCfg
 
@@ -69,12 +70,6 @@ class NonFiniteWeightsError(Med3DError, ValueError):
 
 
 # -- config.json --------------------------------------------------------------------------------------
-
-
-def architecture_of(block: str, layers) -> str | None:
-    """``"resnet50"`` for a bottleneck network with blocks 3-4-6-3; None for a layout outside the zoo."""
-    layers = tuple(layers)
-    return next((name for name, spec in ARCHITECTURES.items() if spec["block"] == block and spec["layers"] == layers), None)
 
 
 def model_config(model: nn.Module, preprocess: Mapping | None = None) -> dict:
