@@ -6,7 +6,7 @@ template and copies corrupted by noise or blur at increasing strength.
    independent draw is ``clean``, the reference at strength 0 (what two samples of one distribution
    score). Copies of ``clean`` get Gaussian noise inside the head (sigma = strength x the head's
    intensity std) or a Gaussian blur (sigma in voxels). All are written as NIfTI files.
-2. **Features.** Each set goes through ``med3d_hub.feature_scores.features_of_scans`` (the
+2. **Features.** Each set goes through ``med3d_hub.inference.feature_scores.features_of_scans`` (the
    ``med3d features`` path) and is saved as ``.npz`` with its provenance.
 3. **Scores.** ``med3d fid real.npz SET.npz --json ... --bandwidth S --seed 0`` for every set, with
    the RBF bandwidth fixed to the median heuristic of ``real`` vs ``clean`` so that the MMD values
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from med3d_hub.cli import app as cli
-from med3d_hub.feature_scores import features_of_scans
+from med3d_hub.inference.feature_scores import features_of_scans
 from med3d_hub.inference.features import save_features
 from med3d_hub.weights.factory import create_model
 

@@ -16,7 +16,7 @@ pytest.importorskip("pydicom")
 from scan_files import mni_template, write_dicom_series, write_nifti  # noqa: E402
 
 from med3d_hub.cli import app as cli  # noqa: E402
-from med3d_hub.feature_scores import features_of_scans, parameters_sha256  # noqa: E402
+from med3d_hub.inference.feature_scores import features_of_scans, parameters_sha256  # noqa: E402
 from med3d_hub.inference import metrics  # noqa: E402
 from med3d_hub.inference.features import load_features, save_features  # noqa: E402
 from med3d_hub.weights.factory import create_model  # noqa: E402
@@ -123,7 +123,7 @@ def test_features_made_differently_are_refused_unless_forced(scans, capsys, tmp_
 def test_sets_from_two_folders_of_files_and_bad_input(scans, capsys, tmp_path):
     real = sorted(str(p) for p in (scans / "real").iterdir())
     noisy = sorted(str(p) for p in (scans / "noisy").iterdir())
-    from med3d_hub.feature_scores import expand_scans, split_sets
+    from med3d_hub.inference.feature_scores import expand_scans, split_sets
 
     data, affine = mni_template()
     write_nifti(tmp_path / "a.nii.gz", data, affine)

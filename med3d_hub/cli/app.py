@@ -523,7 +523,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     features = stack_results(results, maps)
     provenance = None
     if maps == "pooled":
-        from ..feature_scores import feature_provenance
+        from ..inference.feature_scores import feature_provenance
 
         provenance = feature_provenance(model, preprocess, volumes=len(results), feature_dim=features.shape[1],
                                         input_shapes=[r.shape for r in results], amp=args.amp)
@@ -541,7 +541,7 @@ def cmd_fid(args: argparse.Namespace) -> int:
     """FID, KID and MMD between two sets: saved features (.npz) or scans, with their provenance."""
     import shlex
 
-    from ..feature_scores import (
+    from ..inference.feature_scores import (
         expand_scans, features_of_scans, is_feature_file, read_feature_file, score_sets, split_sets, summary_lines,
     )
     from ..inference.features import write_atomically

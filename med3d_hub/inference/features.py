@@ -511,7 +511,7 @@ def save_features(path: str | os.PathLike, features: Features, names: Sequence[s
 
     ``.npy``: the array alone. ``.npz``: ``features`` (or ``layer1..layer4`` for stage maps),
     ``files``, the input names, row for row, and ``provenance``, a JSON object saying how the
-    features were made (see ``med3d_hub.feature_scores.feature_provenance``). ``.csv`` /
+    features were made (see ``med3d_hub.inference.feature_scores.feature_provenance``). ``.csv`` /
     ``.parquet``: pooled (N, C) features only, one row per input with a ``file`` column then
     ``f0 .. f{C-1}``. Only ``.npz`` keeps the provenance.
     """

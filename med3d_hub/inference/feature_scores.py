@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from . import __version__
-from .data.preprocess import Preprocess
-from .errors import UsageError
-from .inference import metrics
-from .inference.features import FeatureExtractionError, iter_features, load_features
+from .. import __version__
+from ..data.preprocess import Preprocess
+from ..errors import UsageError
+from . import metrics
+from .features import FeatureExtractionError, iter_features, load_features
 
 __all__ = [
     "FeatureSet",
@@ -85,7 +85,7 @@ def feature_provenance(model: nn.Module, preprocess: Preprocess, *, volumes: int
     cfg = getattr(model, "pretrained_cfg", None)
     arch = cfg.get("architecture") if cfg else None
     if not arch:
-        from .weights.model_files import architecture_of
+        from ..networks.registry import architecture_of
 
         arch = architecture_of(model.block, model.layers) or type(model).__name__
     if cfg:
