@@ -3,7 +3,7 @@
 Every file the package writes (checkpoints, cache entries, metrics rewrites, features, manifests,
 plots) goes through ``atomic_write``: the bytes go to a temporary file in the same folder, which
 is then renamed over the target. A reader sees the old file or the new one, never half of one; a
-process killed at any instant (SIGKILL included) leaves at most a stray ``*.tmp-*`` file, which the
+process killed at any instant (SIGKILL included) leaves at most a stray ``.<name>.*.tmp`` file, which the
 next writer of that name ignores.
 """
 
@@ -32,7 +32,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = False)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as handle:
             yield handle

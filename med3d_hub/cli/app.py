@@ -487,6 +487,7 @@ def _check_runtime(args: argparse.Namespace) -> None:
 
 def cmd_features(args: argparse.Namespace) -> int:
     from ..inference.features import check_output, describe_preprocess, iter_features, save_features, stack_results
+    from ..weights.factory import resolve_pretrained
 
     overrides = preprocess_overrides(args)
     inputs = list(args.inputs)
@@ -496,7 +497,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         raise UserError("no inputs: give scan files or DICOM folders, or --inputs-from FILE")
     maps = args.maps
     output = check_output(args.output, maps, inputs)
-    resolve_weights(args.model, args.pretrained)  # option errors first, then the inputs, before any download
+    resolve_pretrained(args.model, args.pretrained)  # option errors first, then the inputs, before any download
     _check_runtime(args)
     _check_inputs_exist(inputs)
     model, label = load_model(args)
@@ -607,9 +608,10 @@ def _read_list(path: str) -> list[str]:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..inference.demo import DEFAULT_SCANS, run_demo
     from ..networks.registry import split_name
+    from ..weights.factory import resolve_pretrained
 
     overrides = preprocess_overrides(args)
-    resolve_weights(args.model, args.pretrained)  # option errors first, then the scans, before any download
+    resolve_pretrained(args.model, args.pretrained)  # option errors first, then the scans, before any download
     _check_runtime(args)
     paths = [scan for scan in args.scan or () if scan not in DEFAULT_SCANS]
     if paths:

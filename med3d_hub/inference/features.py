@@ -30,6 +30,7 @@ import contextlib
 import copy
 import json
 import os
+import tempfile
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence

@@ -42,7 +42,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 import torch
 
 from ..errors import EXIT_UNREACHABLE, Med3DError, UsageError
-from ..files import sha256_file
+from ..files import atomic_write, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -821,10 +821,8 @@ def _remember_converted(f: HubFile, sha256: str, s: Settings) -> None:
     """Note which bytes a Hub file held, so offline mode finds their converted copy without the original."""
     memo = s.cache / "hub-files" / _hub_file_key(f)
     try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f".{memo.name}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(sha256)
-        os.replace(tmp, memo)
+        with atomic_write(memo, "w") as handle:
+            handle.write(sha256)
     except OSError:  # a read-only cache: offline loads then need the Hugging Face cache
         pass
 
