@@ -31,6 +31,10 @@ class MissingFileError(Med3DError, FileNotFoundError):
     """A file or folder the user named does not exist or lacks a part."""
 
 
+class UnwritableError(Med3DError, PermissionError):
+    """An output cannot be written where the user asked (a read-only folder)."""
+
+
 class DivergedError(Med3DError, FloatingPointError):
     """Training produced a non-finite loss: the run stops instead of writing NaN weights."""
 

@@ -45,7 +45,7 @@ from torch import nn
 
 from ..data.io import Volume, read_volume
 from ..data.preprocess import Preprocess, transforms_for
-from ..errors import Med3DError, MissingFileError, UsageError
+from ..errors import Med3DError, MissingFileError, UnwritableError, UsageError
 from ..files import atomic_write
 
 __all__ = [
@@ -604,12 +604,12 @@ def check_output(path: str | os.PathLike, maps: str = "pooled", inputs: Iterable
     if not path.parent.is_dir():
         raise MissingFileError(f"cannot write {path}: the folder {path.parent} does not exist")
     if path.is_dir():
-        raise IsADirectoryError(f"cannot write {path}: it is a folder; give a file name such as {path / 'features.npz'}")
+        raise UsageError(f"cannot write {path}: it is a folder; give a file name such as {path / 'features.npz'}")
     try:
         with tempfile.TemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
             pass
     except OSError as error:
-        raise PermissionError(f"cannot write {path}: the folder {path.parent} is not writable ({error.strerror or error})") from None
+        raise UnwritableError(f"cannot write {path}: the folder {path.parent} is not writable ({error.strerror or error})") from None
     _remove_stale_temporaries(path)
     if suffix == ".parquet":
         _parquet_libraries()
