@@ -31,6 +31,7 @@ from ..errors import (
     EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_PUBLISH_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, Med3DError,
     exit_code,
 )
+from ..weights.pretrained_cfg import has_weights
 
 EXIT_FAILED_INPUTS = EXIT_FAILED  # some inputs failed; the others were written
 PROG = "med3d"
@@ -216,7 +217,7 @@ def model_preprocess(model, name: str, overrides: dict):
     from ..data.preprocess import transforms_for
 
     base = model
-    if (getattr(model, "pretrained_cfg", None) or {}).get("sha256") is None:  # random weights
+    if not has_weights(model):
         from ..networks.registry import split_name
         from ..weights.manifest import default_entry
 
@@ -545,7 +546,7 @@ def cmd_fid(args: argparse.Namespace) -> int:
     from ..inference.feature_scores import (
         expand_scans, features_of_scans, is_feature_file, read_feature_file, score_sets, split_sets, summary_lines,
     )
-    from ..inference.features import write_atomically
+    from ..files import atomic_write
 
     if args.json and args.json != "-" and not Path(args.json).expanduser().parent.is_dir():
         raise UserError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
@@ -568,7 +569,7 @@ def cmd_fid(args: argparse.Namespace) -> int:
         source = group[0] if len(group) == 1 else f"{len(group)} scans in {os.path.dirname(group[0]) or '.'}"
         _say(args, f"  {source}: {len(scans)} scan(s)")
         sets.append(features_of_scans(
-            model, scans, preprocess, source=source, seed=args.seed if model.pretrained_cfg is None else None,
+            model, scans, preprocess, source=source, seed=None if has_weights(model) else args.seed,
             amp=args.amp, force_amp=args.force_amp, device=args.device, batch_size=args.batch_size, workers=args.workers,
             progress=(not args.quiet) and sys.stderr.isatty()))
     report = score_sets(*sets, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
@@ -581,7 +582,8 @@ def cmd_fid(args: argparse.Namespace) -> int:
         if args.json == "-":
             print(text, end="")
         else:
-            write_atomically(args.json, lambda handle: handle.write(text.encode("utf-8")))
+            with atomic_write(Path(args.json).expanduser(), "w") as handle:
+                handle.write(text)
     if args.json != "-":
         _say(args, *summary_lines(report), *([f"wrote {args.json}"] if args.json else []))
     return EXIT_OK
@@ -620,7 +622,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_demo(
         model,
         weights=label,
-        random_weights=(model.pretrained_cfg or {}).get("sha256") is None,
+        random_weights=not has_weights(model),
         model_name=split_name(args.model)[0],
         scans=args.scan or None,
         out_dir=args.out_dir,

@@ -24,6 +24,7 @@ from torch import nn
 from .. import __version__
 from ..data.preprocess import Preprocess
 from ..errors import UsageError
+from ..weights.pretrained_cfg import has_weights
 from . import metrics
 from .features import FeatureExtractionError, iter_features, load_features
 
@@ -48,7 +49,7 @@ FEATURE_FILES = (".npz", ".npy")
 SCAN_SUFFIXES = (".nii", ".nii.gz", ".npy")
 
 
-class ProvenanceMismatch(ValueError):
+class ProvenanceMismatch(UsageError):
     """Two feature sets were made differently; their distance would measure the difference in method."""
 
 
@@ -82,7 +83,7 @@ def feature_provenance(model: nn.Module, preprocess: Preprocess, *, volumes: int
                        input_shapes: Sequence[Sequence[int]] = (), amp: str | None = None,
                        seed: int | None = None) -> dict[str, Any]:
     """How pooled features were made: everything needed to make comparable ones again."""
-    cfg = getattr(model, "pretrained_cfg", None)
+    cfg = model.pretrained_cfg if has_weights(model) else None
     arch = cfg.get("architecture") if cfg else None
     if not arch:
         from ..networks.registry import architecture_of

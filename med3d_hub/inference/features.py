@@ -589,7 +589,7 @@ def load_features(path: str | os.PathLike) -> SavedFeatures:
 def check_output(path: str | os.PathLike, maps: str = "pooled", inputs: Iterable[Any] = ()) -> Path:
     """Check before a long run that ``path`` can take these features: type, folder, writable, not an input, libraries.
 
-    Also removes temporary files an interrupted write to ``path`` left behind (see ``write_atomically``).
+    Also removes temporary files an interrupted write to ``path`` left behind (see ``files.atomic_write``).
     """
     path = Path(path)
     for item in inputs:

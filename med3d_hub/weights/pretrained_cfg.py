@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .manifest import WeightsEntry
 
-__all__ = ["PretrainedCfg"]
+__all__ = ["PretrainedCfg", "has_weights"]
 
 
 @dataclass
@@ -52,3 +52,9 @@ class PretrainedCfg:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (deep copies), the form models carry."""
         return asdict(self)
+
+
+def has_weights(model: Any) -> bool:
+    """Whether a model carries loaded weights: a random model's ``pretrained_cfg`` holds only timm's
+    data keys (``data_cfg``), with no ``sha256`` of a weights file."""
+    return (getattr(model, "pretrained_cfg", None) or {}).get("sha256") is not None
