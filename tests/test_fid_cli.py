@@ -103,7 +103,9 @@ def test_features_made_differently_are_refused_unless_forced(scans, capsys, tmp_
     files = sorted(str(p) for p in (scans / "real").iterdir())
     code, text = run(capsys, "features", *files, "-o", str(tmp_path / "a.npz"), *SMALL)
     assert code == 0, text
-    code, text = run(capsys, "features", *files, "-o", str(tmp_path / "b.npz"), *SMALL[:1], "16", *SMALL[2:])
+    # another size and another seed of the random weights: two differences, both named
+    code, text = run(capsys, "features", *files, "-o", str(tmp_path / "b.npz"), *SMALL[:1], "16", *SMALL[2:],
+                     "--seed", "1")
     assert code == 0, text
     assert load_features(tmp_path / "a.npz").provenance["volumes"] == 4
 
