@@ -44,15 +44,18 @@ except ImportError as e:
     "$PY" -m pytest -m "hub and not slow" -q -p no:cacheprovider "$@"
 done
 
-# Declared floors of numpy and timm, on the tests that lean on them.
+# Declared floors of numpy and timm, on the tests that lean on them. numpy 1.26 comes with a pandas
+# built for numpy 1.x (as such environments have): the main environment's pandas needs numpy 2.
 [ "${MED3D_COMPAT_FLOORS:-1}" = 0 ] && exit 0
-for spec in "numpy==1.26.4:tests/test_preprocess.py tests/test_io.py tests/test_models.py" \
-            "timm==1.0.3:tests/test_timm_tools.py tests/test_models.py"; do
-    requirement=${spec%%:*}
-    layer="$LAYERS/${requirement/==/-}"
-    "$PY" -m pip install --quiet --disable-pip-version-check --target "$layer" --no-deps "$requirement"
+for spec in "numpy==1.26.4 pandas==2.2.3:tests/test_preprocess.py tests/test_io.py" \
+            "timm==1.0.3:tests/test_timm_tools.py"; do
+    requirements=${spec%%:*}
+    first=${requirements%% *}
+    layer="$LAYERS/${first/==/-}"
+    # shellcheck disable=SC2086
+    "$PY" -m pip install --quiet --disable-pip-version-check --target "$layer" --no-deps $requirements
     export PYTHONPATH="$layer:$PWD"
-    echo "=== compatibility: $requirement ($("$PY" -c "import ${requirement%%==*} as m; print(m.__version__, 'from', m.__file__)"))"
+    echo "=== compatibility: $requirements ($("$PY" -c "import ${first%%==*} as m; print(m.__version__, 'from', m.__file__)"))"
     # shellcheck disable=SC2086
     "$PY" -m pytest -q -p no:cacheprovider ${spec#*:}
 done

@@ -65,6 +65,18 @@ def closed_port_endpoint() -> str:
     return f"http://127.0.0.1:{port}"
 
 
+def use_endpoint(monkeypatch, endpoint: str) -> None:
+    """Point the package and huggingface_hub at ``endpoint``, as ``HF_ENDPOINT`` set before the process started does.
+
+    huggingface_hub reads ``HF_ENDPOINT`` once, at import; some releases (0.x) build the URLs of a commit's
+    result from that import-time value. A test that changes the endpoint later sets both.
+    """
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+
+
 @dataclass(frozen=True)
 class _Blob:
     data: bytes

@@ -22,7 +22,7 @@ pytest.importorskip("monai")
 pytest.importorskip("nibabel")
 yaml = pytest.importorskip("yaml")
 
-from hub_server import HangingServer, HubServer, closed_port_endpoint  # noqa: E402
+from hub_server import HangingServer, HubServer, closed_port_endpoint, use_endpoint  # noqa: E402
 from medicalnet_files import entry as medicalnet_entry  # noqa: E402
 from medicalnet_files import medicalnet_bytes, write_manifest  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -73,7 +73,7 @@ def run_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def env(hf_cache, hub_server, monkeypatch):
     """The Hub server as HF_ENDPOINT, fresh caches, no extra manifests, no token."""
-    monkeypatch.setenv("HF_ENDPOINT", hub_server.endpoint)
+    use_endpoint(monkeypatch, hub_server.endpoint)
     for name in ("MED3D_HUB_MANIFEST", "MED3D_HUB_CACHE", "HF_HUB_OFFLINE", "HF_HUB_ETAG_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(manifest, "_added", [])
@@ -315,7 +315,7 @@ def test_the_token_is_never_printed_or_written(run_dir, hf_cache, monkeypatch, t
     monkeypatch.delenv("MED3D_HUB_MANIFEST", raising=False)
     target = tmp_path / "weights.json"
     with HubServer(require_token=SECRET) as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        use_endpoint(monkeypatch, server.endpoint)
         monkeypatch.setenv("HF_TOKEN", "hf_wrong_token_9f3a")
         args = ["publish", str(run_dir), "--repo-id", "me/private-r10", "--tag", "tok", "--manifest", str(target),
                 "--license", "mit", "--private"]

@@ -37,7 +37,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import torch
 
@@ -718,10 +718,17 @@ def transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _fetch_hub(f: HubFile, s: Settings, expected: str | None, skip_if: Callable[[str], bool] | None) -> Fetched:
-    from huggingface_hub import hf_hub_url
+def resolve_url(f: HubFile, endpoint: str) -> str:
+    """The Hub protocol's address of one file at one revision on ``endpoint``.
 
-    url = hf_hub_url(f.repo_id, f.filename, revision=f.revision, endpoint=s.endpoint)
+    Built here rather than by ``hf_hub_url``: huggingface_hub 0.x starts from the endpoint it read at
+    import time and swaps in ``endpoint`` only when the two agree on their prefix.
+    """
+    return f"{endpoint.rstrip('/')}/{f.repo_id}/resolve/{quote(f.revision, safe='')}/{quote(f.filename)}"
+
+
+def _fetch_hub(f: HubFile, s: Settings, expected: str | None, skip_if: Callable[[str], bool] | None) -> Fetched:
+    url = resolve_url(f, s.endpoint)
     if s.offline:
         path = _from_hf_cache(f, s)
         if path is not None:
