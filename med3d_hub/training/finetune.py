@@ -29,8 +29,7 @@ from .finetune_config import FinetuneConfig
 
 __all__ = ["FINETUNED_NAME", "FinetuneJob", "finetune", "load_finetuned"]
 
-FINETUNED_NAME = "finetuned.safetensors"
-CONFIG_NAME = "training_config.yaml"
+from ..weights.finetuned import FINETUNED_NAME, TRAINING_CONFIG_NAME as CONFIG_NAME  # noqa: E402
 
 
 class FinetuneJob(Job):
@@ -202,26 +201,6 @@ def finetune(cfg: FinetuneConfig, resume: bool | str | None = None, quiet: bool 
 
 def load_finetuned(run: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """The whole fine-tuned network of a finished run (``finetuned.safetensors``), in eval mode."""
-    import yaml
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from ..weights.finetuned import read_finetuned
 
-    from ..weights.factory import create_model
-    from .finetune_model import FinetuneNet
-
-    run = Path(run)
-    raw = yaml.safe_load((run / CONFIG_NAME).read_text())
-    raw = {**raw, "pretrained": "none"}
-    cfg = FinetuneConfig.from_dict(raw, where=str(run / CONFIG_NAME))
-    path = run / FINETUNED_NAME
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    state = load_file(str(path))
-    from ..weights.checkpoints import infer_shortcut
-
-    encoder = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
-    net = FinetuneNet(create_model(cfg.model, num_classes=0, shortcut=infer_shortcut(encoder)), cfg.task,
-                      int(meta["num_classes"]),
-                      cfg.decoder, cfg.drop_rate)
-    net.load_state_dict(state, strict=True)
-    return net.to(map_location).eval()
+    return read_finetuned(run).net.to(map_location).eval()

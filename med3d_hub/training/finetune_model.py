@@ -15,80 +15,16 @@ paper's decoder is not a zoo head, so that model holds the fine-tuned encoder on
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
-from ..networks.heads import SegmentationHead
+from ..networks.finetune_net import FinetuneNet, PaperDecoder  # noqa: F401  (their home is networks/)
 from ..networks.registry import split_name
 from ..weights.factory import create_model, resolve_pretrained
 from ..weights.hub_model import build_model
 from .finetune_config import FinetuneConfig
 
 __all__ = ["FinetuneNet", "PaperDecoder", "build_finetune_net", "to_zoo_model"]
-
-PAPER_DECODER_CHANNELS = (256, 128, 64)
-
-
-class PaperDecoder(nn.Sequential):
-    """3 x (ConvTranspose3d 2/2 + BN + ReLU + Conv3d 3x3x3 + BN + ReLU), then a 1x1x1 conv to the classes."""
-
-    def __init__(self, in_channels: int, num_classes: int, channels=PAPER_DECODER_CHANNELS):
-        layers: list[nn.Module] = []
-        c = in_channels
-        for out in channels:
-            layers += [
-                nn.ConvTranspose3d(c, out, kernel_size=2, stride=2, bias=False), nn.BatchNorm3d(out), nn.ReLU(inplace=True),
-                nn.Conv3d(out, out, kernel_size=3, padding=1, bias=False), nn.BatchNorm3d(out), nn.ReLU(inplace=True),
-            ]
-            c = out
-        layers.append(nn.Conv3d(c, num_classes, kernel_size=1))
-        super().__init__(*layers)
-        for m in self.modules():
-            if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm3d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.normal_(self[-1].weight, std=0.01)
-        nn.init.zeros_(self[-1].bias)
-
-
-class FinetuneNet(nn.Module):
-    """``encoder`` (a zoo backbone, ``num_classes=0``) + ``head`` (decoder or linear classifier)."""
-
-    def __init__(self, encoder: nn.Module, task: str, num_classes: int, decoder: str = "paper", drop_rate: float = 0.0):
-        super().__init__()
-        self.encoder = encoder
-        self.task = task
-        self.decoder = decoder if task == "seg" else None
-        self.num_classes = num_classes
-        self.drop_rate = drop_rate
-        channels = encoder.num_features
-        if task == "cls":
-            self.head: nn.Module = nn.Linear(channels, num_classes)
-            nn.init.normal_(self.head.weight, std=0.01)
-            nn.init.zeros_(self.head.bias)
-        elif decoder == "paper":
-            self.head = PaperDecoder(channels, num_classes)
-        else:
-            self.head = SegmentationHead(channels, num_classes)
-            for m in self.head.modules():
-                if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: torch.Tensor, task: int = 0) -> torch.Tensor:
-        features = self.encoder.forward_features(x)
-        if self.task == "cls":
-            pooled = torch.flatten(F.adaptive_avg_pool3d(features, 1), 1)
-            if self.drop_rate > 0:
-                pooled = F.dropout(pooled, p=self.drop_rate, training=self.training)
-            return self.head(pooled)
-        logits = self.head(features)
-        if logits.shape[2:] != x.shape[2:]:
-            logits = F.interpolate(logits, size=x.shape[2:], mode="trilinear", align_corners=False)
-        return logits
 
 
 def build_finetune_net(cfg: FinetuneConfig, num_classes: int) -> FinetuneNet:
