@@ -23,13 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..weights.finetuned import FINETUNED_NAME, TRAINING_CONFIG_NAME as CONFIG_NAME
 from .config import ConfigError
 from .engine import Job, train
 from .finetune_config import FinetuneConfig
 
 __all__ = ["FINETUNED_NAME", "FinetuneJob", "finetune", "load_finetuned"]
-
-from ..weights.finetuned import FINETUNED_NAME, TRAINING_CONFIG_NAME as CONFIG_NAME  # noqa: E402
 
 
 class FinetuneJob(Job):
