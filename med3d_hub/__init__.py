@@ -21,13 +21,15 @@ __all__ = [
     "list_models",
     "list_pretrained",
     "optimize_for_inference",
+    "predict",
     "read_volume",
     "transforms_for",
     "__version__",
 ]
 
 # Loaded on first use, so that `import med3d_hub` stays light.
-_LAZY = {"extract_features": ".inference.features", "optimize_for_inference": ".inference.optimize"}
+_LAZY = {"extract_features": ".inference.features", "optimize_for_inference": ".inference.optimize",
+         "predict": ".inference.predict"}
 
 
 def __getattr__(name: str):
