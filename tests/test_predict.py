@@ -229,36 +229,54 @@ def test_bad_inputs_are_reported_and_skipped_the_others_written(seg_run, tmp_pat
     assert med3d(["predict", str(seg_run["run"]), *twice, "-o", str(out), "-q"]) == 2  # two inputs, one mask name
 
 
-def test_classification_run_writes_one_row_per_scan_in_order(tmp_path):
-    labels = make_synthetic_classification(tmp_path / "cls", num_cases=16, shape=(16, 18, 16), seed=4, split=True)
-    run = tmp_path / "run"
-    assert finetune(["cls", "--csv", str(labels), "--cache-dir", str(tmp_path / "cache"), "--output", str(run),
+def _cls_run(root: Path, steps: int) -> tuple[Path, list[tuple[Path, int]]]:
+    labels = make_synthetic_classification(root / "cls", num_cases=16, shape=(16, 18, 16), seed=4, split=True)
+    run = root / "run"
+    assert finetune(["cls", "--csv", str(labels), "--cache-dir", str(root / "cache"), "--output", str(run),
                      "--num-classes", "2", "--set", "class_names=[dark,bright]", "--batch-size", "4",
-                     "--steps", "30", "--val-every", "30", "--lr", "0.003", *COMMON]) == 0
+                     "--steps", str(steps), "--val-every", str(steps), "--lr", "0.003", *COMMON]) == 0
     rows = [line.split(",") for line in labels.read_text().splitlines()[1:]]
-    held = [(labels.parent / r[0], int(r[1])) for r in rows if r[2] == "val"]
+    return run, [(labels.parent / r[0], int(r[1])) for r in rows if r[2] == "val"]
+
+
+def _read_table(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_classification_writes_one_row_per_scan_in_order(tmp_path):
+    run, held = _cls_run(tmp_path, steps=2)
     broken = tmp_path / "broken.npy"
     broken.write_bytes(b"\x93NUMPY garbage")
     inputs = [str(p) for p, _ in held]
     out = tmp_path / "predictions.csv"
     assert med3d(["predict", str(run), inputs[0], str(broken), *inputs[1:], "-o", str(out), "-b", "2", "--device",
                   "cpu", "-q"]) == 1
-    with out.open() as f:
-        table = list(csv.DictReader(f))
+    table = _read_table(out)
     assert [r["file"] for r in table] == inputs
-    assert set(table[0]) == {"file", "p_dark", "p_bright", "predicted"}
-    for row, (_, truth) in zip(table, held):
+    assert list(table[0]) == ["file", "p_dark", "p_bright", "predicted"]
+    preds = predict(run, inputs, device="cpu", batch_size=3)
+    for row, pred in zip(table, preds):
         p = np.array([float(row["p_dark"]), float(row["p_bright"])])
         assert abs(p.sum() - 1) < 1e-5 and row["predicted"] == ["dark", "bright"][int(p.argmax())]
-    correct = sum(r["predicted"] == ["dark", "bright"][t] for r, (_, t) in zip(table, held))
-    assert correct == len(held), table
+        np.testing.assert_allclose(p, pred.probabilities, rtol=1e-4, atol=1e-6)  # batched or not, the same
+    assert med3d(["predict", str(run), *inputs, "-o", str(tmp_path / "masks"), "-q"]) == 2  # a table is needed
 
-    parquet = pytest.importorskip("pandas")
+    pd = pytest.importorskip("pandas")
     pytest.importorskip("pyarrow")
     out_pq = tmp_path / "predictions.parquet"
     assert med3d(["predict", str(run), *inputs, "-o", str(out_pq), "--device", "cpu", "-q"]) == 0
-    frame = parquet.read_parquet(out_pq)
+    frame = pd.read_parquet(out_pq)
     assert list(frame["file"]) == inputs and list(frame["predicted"]) == [r["predicted"] for r in table]
+
+
+@pytest.mark.slow
+def test_finetuned_classification_gets_the_held_out_scans_right(tmp_path):
+    run, held = _cls_run(tmp_path, steps=30)
+    out = tmp_path / "predictions.csv"
+    assert med3d(["predict", str(run), *(str(p) for p, _ in held), "-o", str(out), "--device", "cpu", "-q"]) == 0
+    table = _read_table(out)
+    assert [r["predicted"] for r in table] == [["dark", "bright"][t] for _, t in held], table
 
 
 def test_sliding_window_equals_monais():
