@@ -292,3 +292,30 @@ def test_sliding_window_equals_monais():
             got = sliding_window(x, roi, net, batch_size=2, overlap=overlap)
         assert got.shape == expected.shape
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_weights_published_with_their_head_predict_by_name(seg_run, hub_server, hf_cache, monkeypatch, tmp_path):
+    """name.tag: the manifest entry gives the head (source.model_kwargs) and the preprocessing; the Hub the file."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    from scan_files import manifest_entry, write_manifest
+
+    from med3d_hub import create_model
+    from med3d_hub.weights import manifest
+
+    torch.manual_seed(2)
+    model = create_model("resnet10", seg_classes=2).eval()
+    data = safetensors.save({k: v.contiguous() for k, v in model.state_dict().items()})
+    hub_server.add_file("med3d-test/r10-seg", "model.safetensors", data)
+    preprocess = {"intensity": {"method": "hu_window", "min": -100.0, "max": 400.0}, "spacing": [2.0, 1.0, 1.0]}
+    entry = manifest_entry("seg-ft", data, preprocess, default=False)
+    entry.update(hf_hub_id="med3d-test/r10-seg", filename="model.safetensors", format="safetensors",
+                 source={**entry["source"], "model_kwargs": {"seg_classes": 2}})
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.endpoint)
+    monkeypatch.setenv("MED3D_HUB_MANIFEST", str(write_manifest(tmp_path / "weights.json", entry)))
+    monkeypatch.setattr(manifest, "_added", [])
+
+    predictor = load_predictor("resnet10.seg-ft", window=(16, 16, 16))
+    assert predictor.task == "seg" and predictor.preprocess.to_dict()["intensity"]["min"] == -100.0
+    by_name = predict(predictor, [seg_run["image"]], device="cpu")[0]
+    local = predict(model, [seg_run["image"]], device="cpu", preprocess=preprocess, window=(16, 16, 16))[0]
+    assert np.array_equal(by_name.mask, local.mask) and by_name.mask.shape == nib.load(seg_run["image"]).shape
