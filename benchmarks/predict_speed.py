@@ -74,16 +74,32 @@ class NetworkClock:
 
 
 def run_predict(scan: Path, model_dir: Path, out: Path) -> dict:
+    from med3d_hub.inference import predict as module
     from med3d_hub.inference.predict import iter_predictions, load_predictor, mask_path, write_mask
 
     predictor = load_predictor(model_dir, window=WINDOW)
-    clock = NetworkClock(predictor.net)
+    clocks = []
+    prepare = module._prepare
+
+    def timed_prepare(*args, **kwargs):  # the clock goes on the network predict really runs (the fast copy)
+        net = prepare(*args, **kwargs)
+        clocks.append(NetworkClock(net))
+        return net
+
+    module._prepare = timed_prepare
+    try:
+        result = _time_predict(predictor, scan, out, iter_predictions, mask_path, write_mask)
+    finally:
+        module._prepare = prepare
+    return {**result, "network_s": clocks[0].seconds, "forwards": clocks[0].calls}
+
+
+def _time_predict(predictor, scan, out, iter_predictions, mask_path, write_mask) -> dict:
     start = time.perf_counter()
     for pred in iter_predictions(predictor, [scan], device="cpu"):
         assert pred.ok, pred.error
         write_mask(pred, mask_path(pred.name, out, pred.kind))
-    wall = time.perf_counter() - start
-    return {"wall_s": wall, "network_s": clock.seconds, "forwards": clock.calls}
+    return {"wall_s": time.perf_counter() - start}
 
 
 def run_monai(scan: Path, model_dir: Path, out: Path) -> dict:
@@ -109,18 +125,23 @@ def run_monai(scan: Path, model_dir: Path, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/med3d-predict-bench"))
+    parser.add_argument("--skip-monai", action="store_true", help="time med3d predict only")
     args = parser.parse_args(argv)
     scan, model_dir = make_inputs(args.work)
     out = args.work / "masks"
     out.mkdir(exist_ok=True)
     results = {"threads": torch.get_num_threads(), "scan": list(SHAPE_XYZ), "window": list(WINDOW)}
     results["predict"] = run_predict(scan, model_dir, out)
-    results["monai"] = run_monai(scan, model_dir, out)
-    for name in ("predict", "monai"):
+    if not args.skip_monai:
+        results["monai"] = run_monai(scan, model_dir, out)
+    for name in [k for k in ("predict", "monai") if k in results]:
         r = results[name]
         r["network_share"] = r["network_s"] / r["wall_s"]
         print(f"{name:8s} {r['wall_s']:7.1f} s wall, {r['network_s']:7.1f} s in the network "
               f"({100 * r['network_share']:.0f}%), {r['forwards']} forwards")
+    (args.work / "result.json").write_text(json.dumps(results, indent=2))
+    if args.skip_monai:
+        return 0 if results["predict"]["network_share"] >= 0.8 else 1
     import nibabel as nib
 
     ours = np.asanyarray(nib.load(out / "ct.nii.gz").dataobj)
