@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="/tmp/med3d-transfer", help="folder for the tasks, caches and runs")
     p.add_argument("--encoder", help="a co-trained encoder.safetensors (skips the co-training)")
-    p.add_argument("--cotrain-steps", type=int, default=100)
+    p.add_argument("--cotrain-steps", type=int, default=400)
     p.add_argument("--cotrain-crop", type=int, default=32)
     p.add_argument("--cases", type=int, default=12, help="CT cases (a quarter are held out)")
     p.add_argument("--steps", type=int, default=80, help="fine-tuning steps of each run")
