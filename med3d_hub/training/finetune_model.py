@@ -1,14 +1,8 @@
-"""The fine-tuning network: a Med3D encoder from the zoo and a new head.
+"""Building the fine-tuning network from a recipe, and turning a trained one into a zoo model.
 
-- Segmentation, ``decoder: paper``: the paper's decoder for its lung segmentation transfer: three
-  groups of [transposed conv (kernel 2, stride 2) + BN + ReLU, 3x3x3 conv + BN + ReLU] take the
-  layer4 features (output stride 8) back to the input's size, then a 1x1x1 conv gives the classes.
-- Segmentation, ``decoder: conv_seg``: upstream MedicalNet's head (the zoo's ``SegmentationHead``,
-  output at 1/4 of the input), upsampled trilinearly to the input's size.
-- Classification: global average pooling of layer4, optional dropout, one linear layer.
-
-``FinetuneNet.forward(x, task=0)`` follows the training engine's convention (the task index is
-ignored: there is one task). ``to_zoo_model`` turns the trained network into a zoo
+The network itself (``FinetuneNet``: a Med3D encoder and the paper's decoder, MedicalNet's
+``conv_seg`` head or a linear classifier) lives in ``networks/finetune_net.py``, so that a finished
+run can be applied without the training code. ``to_zoo_model`` turns the trained network into a zoo
 ``Med3DResNet`` (``fc`` or ``conv_seg`` head) for ``save_pretrained`` / ``med3d publish``; the
 paper's decoder is not a zoo head, so that model holds the fine-tuned encoder only.
 """
