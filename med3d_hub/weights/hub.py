@@ -945,7 +945,8 @@ def _download(url: str, dest: Path, s: Settings, *, headers: Mapping[str, str] |
             "raise them for a slow link. Nothing was kept."
         )
 
-    with open(dest, "wb") as out:
+    bar = _progress_bar(url, size)
+    with open(dest, "wb") as out, bar:
         while True:
             request_headers = {**base, "Range": f"bytes={done}-"} if done else base
             try:
@@ -961,13 +962,16 @@ def _download(url: str, dest: Path, s: Settings, *, headers: Mapping[str, str] |
                         out.seek(0)
                         out.truncate()
                         digest, done = hashlib.sha256(), 0
+                        bar.reset(total=size)
                     if size is None and response.status_code == 200 and response.headers.get("Content-Length", "").isdigit():
                         size = int(response.headers["Content-Length"])
+                        bar.reset(total=size)
                     read = getattr(response.raw, "read1", response.raw.read)
                     while chunk := read(_READ):
                         out.write(chunk)
                         digest.update(chunk)
                         done += len(chunk)
+                        bar.update(len(chunk))
                         if time.monotonic() > deadline:
                             raise stopped(f"the deadline of {s.download_deadline:g} s passed")
                 if size is None or done == size:
@@ -990,6 +994,15 @@ def _download(url: str, dest: Path, s: Settings, *, headers: Mapping[str, str] |
                 if time.monotonic() > deadline:
                     raise stopped(f"the deadline of {s.download_deadline:g} s passed") from None
                 log.warning("the download of %s was cut after %d bytes (%s); resuming", url, done, _reason(error))
+
+
+def _progress_bar(url: str, size: int | None):
+    """huggingface_hub's own progress bar, named after the file: shown on stderr unless bars are off
+    (``HF_HUB_DISABLE_PROGRESS_BARS``, ``huggingface_hub.utils.disable_progress_bars``, ``med3d -q``)."""
+    from huggingface_hub.utils import tqdm
+
+    name = unquote(urlsplit(url).path.rsplit("/", 1)[-1]) or url
+    return tqdm(total=size, desc=name, unit="B", unit_scale=True, unit_divisor=1024, leave=True)
 
 
 def _reason(error: BaseException) -> str:
