@@ -30,6 +30,7 @@ __all__ = [
 # Loaded on first use, so that `import med3d_hub` stays light.
 _LAZY = {"extract_features": ".inference.features", "optimize_for_inference": ".inference.optimize",
          "predict": ".inference.predict"}
+_SUBMODULES = {"models"}  # the public namespace of the model classes: med3d_hub.models.Med3DResNet
 
 
 def __getattr__(name: str):
@@ -39,6 +40,10 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value
         return value
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
