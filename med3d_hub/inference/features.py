@@ -291,14 +291,15 @@ def _load(item: Any, name: str, transform: Callable) -> tuple[torch.Tensor | Non
     return None, message if name in message else f"{name}: {message}"
 
 
-def _progress_bar(total: int, enabled: bool):
+def scan_progress_bar(total: int, enabled: bool, desc: str = "features"):
+    """A bar over the scans of a run (tqdm, when installed); None when off."""
     if not enabled:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, unit="scan", desc="features", dynamic_ncols=True, leave=False)
+    return tqdm(total=total, unit="scan", desc=desc, dynamic_ncols=True, leave=False)
 
 
 def describe_preprocess(p: Preprocess) -> str:
@@ -356,7 +357,7 @@ def iter_features(
 
 def _run(model, items, names, transform, maps, batch_size, device, amp_dtype, fast, workers, prefetch, progress):
     net = _prepare(model, device, fast) if items else None
-    bar = _progress_bar(len(items), progress)
+    bar = scan_progress_bar(len(items), progress)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="med3d-read")
     queue: deque = deque()
     upcoming = iter(range(len(items)))

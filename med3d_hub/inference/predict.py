@@ -46,7 +46,7 @@ from ..data.preprocess import Preprocess, transforms_for
 from ..errors import Med3DError, MissingFileError, UsageError
 from ..files import atomic_write
 from . import geometry
-from .features import _as_list, _input_name, check_amp, resolve_device
+from .features import _as_list, _input_name, check_amp, resolve_device, scan_progress_bar
 from .sliding_window import sliding_window
 
 __all__ = [
@@ -409,7 +409,7 @@ def iter_predictions(
     dev = resolve_device(None if device is None else device, predictor.net)
     amp_dtype = check_amp(amp, dev, force=force_amp)
     net = _prepare(predictor.net, dev, fast)
-    bar = _progress_bar(len(items), progress)
+    bar = scan_progress_bar(len(items), progress, "predict")
     chunk = batch_size if predictor.task == "cls" else 1
     try:
         for group in _chunks(_read_ahead(items, predictor.preprocess, chunk + 1), chunk):
@@ -495,16 +495,6 @@ def _classify(predictor, net, items: list[_Loaded], device, amp_dtype) -> list[P
             out.append(Prediction(item.index, item.name, "cls", predictor.class_names, probabilities=p,
                                   label=int(p.argmax()), affine=item.volume.affine, kind=item.kind))
     return out
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="scan", desc="predict", dynamic_ncols=True, leave=False)
 
 
 def predict(source: Source | Predictor, inputs: Input | Iterable[Input], **options: Any) -> list[Prediction]:
