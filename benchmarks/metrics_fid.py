@@ -4,7 +4,9 @@
 
 Times, best of ``--repeats``: the whole score from two float32 feature arrays (covariances in
 float64, then the distance), the streaming path (batches of 256 through ``MeanCovariance``), and
-the distance alone from ready statistics. Prints the machine's load, because on a shared machine
+the distance alone from ready statistics. Then the floor that no float64 implementation goes below on
+this machine: the two covariance products (one float64 ``X^T X`` per set, numpy's symmetric BLAS
+product) plus one 2048 x 2048 symmetric eigenvalue problem, timed alone. Prints the machine's load, because on a shared machine
 the load decides the number; a multi-threaded BLAS on a busy machine is slower than one thread
 (set OPENBLAS_NUM_THREADS=1 there).
 """
@@ -62,10 +64,18 @@ def main() -> None:
         wall, cpu, value = best_of(args.repeats, fn)
         results[name] = {"seconds": round(wall, 3), "cpu_seconds": round(cpu, 3), "fid": value}
         print(f"{name:<36} {wall:7.3f} s wall  {cpu:7.3f} s CPU   FID {value:.6f}", flush=True)
+    x = a.astype(np.float64)
+    syrk, _, _ = best_of(args.repeats, lambda: x.T @ x)
+    spd = s1 + np.eye(args.dim)
+    eig, _, _ = best_of(args.repeats, lambda: np.linalg.eigvalsh(spd))
+    floor = {"covariance product, one set": round(syrk, 3), "eigenvalues, one D x D": round(eig, 3),
+             "floor: two products + eigenvalues": round(2 * syrk + eig, 3)}
+    for name, seconds in floor.items():
+        print(f"{name:<36} {seconds:7.3f} s wall", flush=True)
     print(json.dumps({
         "n": args.n, "dim": args.dim, "repeats": args.repeats, "cpus": os.cpu_count(),
         "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"), "loadavg_before": load_before,
-        "loadavg_after": os.getloadavg(), "results": results,
+        "loadavg_after": os.getloadavg(), "results": results, "floor": floor,
     }, indent=2))
 
 

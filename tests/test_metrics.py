@@ -64,6 +64,10 @@ def test_streaming_equals_in_memory(sets):
     np.testing.assert_allclose(stats.covariance, np.cov(a.astype(np.float64), rowvar=False), rtol=1e-10, atol=1e-12)
     other = metrics.MeanCovariance().update(b[:100]).merge(metrics.MeanCovariance().update(b[100:]))
     assert metrics.fid(stats, other) == pytest.approx(metrics.fid(a, b), rel=1e-10)
+    features = b.astype(np.float64)
+    kept = features.copy()
+    metrics.MeanCovariance.of(features)
+    np.testing.assert_array_equal(features, kept)  # the statistics are taken from a copy, never in place
 
 
 def test_streaming_is_stable_far_from_the_origin():

@@ -88,14 +88,15 @@ class MeanCovariance:
 
     def update(self, batch) -> MeanCovariance:
         """Add the rows of an (N, D) array; returns self."""
-        x = _as_features(batch, "batch").astype(np.float64, copy=False)
+        x = _as_features(batch, "batch")
         if self.dim is not None and x.shape[1] != self.dim:
             raise UsageError(f"batch has {x.shape[1]} features, earlier batches had {self.dim}")
         if len(x) == 0:
             return self
-        mean = x.mean(axis=0)
-        centred = x - mean
-        self._merge(len(x), mean, centred.T @ centred)
+        centred = x.astype(np.float64)  # one float64 copy, centred in place: the caller's array is untouched
+        mean = centred.mean(axis=0)
+        centred -= mean
+        self._merge(len(x), mean, centred.T @ centred)  # numpy computes X^T X as one symmetric product
         return self
 
     def merge(self, other: MeanCovariance) -> MeanCovariance:
