@@ -10,52 +10,92 @@
 #   1.33.0  the last 1.x (httpx)
 #   2.x     the main environment's own (httpx2): the full suite ran against it in .ci/run
 # Then the floors of numpy and timm, layered the same way, on the tests that exercise them.
+#
+# The layers' test runs wait mostly on servers and fresh processes, so MED3D_COMPAT_JOBS of them
+# (default 2) run at once, each with one thread and its own temporary folder; their logs are printed
+# in order afterwards, each headed by the versions it ran with.
 # Override with MED3D_COMPAT_HUB_VERSIONS="0.30.2 1.0.0 ..." (MED3D_COMPAT_FLOORS=0 skips the floors);
 # arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 VERSIONS=${MED3D_COMPAT_HUB_VERSIONS:-0.25.2 0.36.2 1.33.0}
+JOBS=${MED3D_COMPAT_JOBS:-2}
 LAYERS=$(mktemp -d)
 trap 'rm -rf "$LAYERS"' EXIT
+pip_target() { "$PY" -m pip install --quiet --disable-pip-version-check --target "$@"; }
 
+NAMES=()      # one per test run, in the order the logs are printed
+declare -A TESTS=()
 echo "=== compatibility: huggingface_hub $("$PY" -c 'import huggingface_hub as h; print(h.__version__)') (main environment, full suite above)"
 for version in $VERSIONS; do
-    layer="$LAYERS/hf-$version"
-    "$PY" -m pip install --quiet --disable-pip-version-check --target "$layer" --no-deps "huggingface_hub==$version"
+    name="hf-$version"
+    pip_target "$LAYERS/$name" --no-deps "huggingface_hub==$version"
     case "$version" in
-        1.*) "$PY" -c "import httpx" 2>/dev/null ||
-                 "$PY" -m pip install --quiet --disable-pip-version-check --target "$layer" "httpx>=0.23,<1" ;;
+        1.*) "$PY" -c "import httpx" 2>/dev/null || pip_target "$LAYERS/$name" "httpx>=0.23,<1" ;;
     esac
     case "$version" in
         2.*) ;;
-        *) mkdir -p "$layer/httpx2"
+        *) mkdir -p "$LAYERS/$name/httpx2"
            echo "raise ModuleNotFoundError('No module named httpx2 (hidden: huggingface_hub $version environments lack it)', name='httpx2')" \
-               > "$layer/httpx2/__init__.py" ;;
+               > "$LAYERS/$name/httpx2/__init__.py" ;;
     esac
-    export PYTHONPATH="$layer:$PWD"
-    echo "=== compatibility: $("$PY" -c 'import huggingface_hub as h, sys
-print("huggingface_hub", h.__version__, "from", h.__file__)
-try:
-    import httpx2
-    print("httpx2 present")
-except ImportError as e:
-    print("without httpx2")' | paste -sd' ')"
-    "$PY" -m pytest -m "hub and not slow" -q -p no:cacheprovider "$@"
+    NAMES+=("$name"); TESTS[$name]="-m hub and not slow"
 done
 
 # Declared floors of numpy and timm, on the tests that lean on them. numpy 1.26 comes with a pandas
 # built for numpy 1.x (as such environments have): the main environment's pandas needs numpy 2.
-[ "${MED3D_COMPAT_FLOORS:-1}" = 0 ] && exit 0
-for spec in "numpy==1.26.4 pandas==2.2.3:tests/test_preprocess.py tests/test_io.py" \
-            "timm==1.0.3:tests/test_timm_tools.py"; do
-    requirements=${spec%%:*}
-    first=${requirements%% *}
-    layer="$LAYERS/${first/==/-}"
-    # shellcheck disable=SC2086
-    "$PY" -m pip install --quiet --disable-pip-version-check --target "$layer" --no-deps $requirements
-    export PYTHONPATH="$layer:$PWD"
-    echo "=== compatibility: $requirements ($("$PY" -c "import ${first%%==*} as m; print(m.__version__, 'from', m.__file__)"))"
-    # shellcheck disable=SC2086
-    "$PY" -m pytest -q -p no:cacheprovider ${spec#*:}
+if [ "${MED3D_COMPAT_FLOORS:-1}" != 0 ]; then
+    for spec in "numpy==1.26.4 pandas==2.2.3:tests/test_preprocess.py tests/test_io.py" \
+                "timm==1.0.3:tests/test_timm_tools.py"; do
+        requirements=${spec%%:*}
+        first=${requirements%% *}
+        name=${first/==/-}
+        # shellcheck disable=SC2086
+        pip_target "$LAYERS/$name" --no-deps $requirements
+        NAMES+=("$name"); TESTS[$name]=${spec#*:}
+    done
+fi
+
+describe() {  # the versions a layer runs with, for the log
+    "$PY" - <<'PY' | paste -sd' '
+import importlib.metadata, huggingface_hub, numpy
+print("huggingface_hub", huggingface_hub.__version__, "from", huggingface_hub.__file__)
+print("numpy", numpy.__version__, "from", numpy.__file__, "timm", importlib.metadata.version("timm"))
+try:
+    import httpx2  # noqa: F401
+    print("httpx2 present")
+except ImportError:
+    print("without httpx2")
+PY
+}
+
+run_layer() {  # name, then pytest arguments; everything goes to the layer's log
+    local name=$1; shift
+    export PYTHONPATH="$LAYERS/$name:$PWD" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+    echo "=== compatibility: $name: $(describe)"
+    "$PY" -m pytest -q -p no:cacheprovider --basetemp="$LAYERS/tmp-$name" "$@"
+}
+
+for name in "${NAMES[@]}"; do
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+    if [ "${TESTS[$name]:0:3}" = "-m " ]; then
+        args=(-m "${TESTS[$name]:3}")
+    else
+        read -ra args <<< "${TESTS[$name]}"
+    fi
+    ( set +e; run_layer "$name" "${args[@]}" "$@" > "$LAYERS/$name.log" 2>&1; echo $? > "$LAYERS/$name.status" ) &
 done
+wait
+
+failed=()
+for name in "${NAMES[@]}"; do
+    cat "$LAYERS/$name.log"
+    status=$(cat "$LAYERS/$name.status" 2>/dev/null || echo "none")
+    [ "$status" = 0 ] || failed+=("$name (exit $status)")
+done
+if [ "${#failed[@]}" -gt 0 ]; then
+    echo "=== compatibility FAILED: ${failed[*]}"
+    exit 1
+fi
+echo "=== compatibility: all layers passed"
