@@ -98,3 +98,42 @@ def test_importing_med3d_hub_before_timm_registers_the_models():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "Med3DResNet"
+
+
+def _saved_folder(folder):
+    """A save_pretrained folder of a resnet18 with a 3-class head, 2 input channels and non-trivial BatchNorm statistics."""
+    torch.manual_seed(1)
+    saved = med3d_hub.create_model("resnet18", num_classes=3, in_chans=2)
+    with torch.no_grad():
+        for name, buffer in saved.named_buffers():
+            if "running" in name:
+                buffer.uniform_(0.5, 1.5)
+    saved.pretrained_cfg = {"preprocess": {"intensity": {"method": "hu_window", "min": -200, "max": 250}}}
+    saved.save_pretrained(folder)
+    return saved.eval()
+
+
+def _timm_has_local_dir() -> bool:
+    from packaging.version import Version
+
+    return Version(timm.__version__) >= Version("1.0.16")  # local-dir: came with timm 1.0.16
+
+
+@pytest.mark.skipif(not _timm_has_local_dir(), reason="timm.create_model('local-dir:...') needs timm 1.0.16")
+def test_timm_local_dir_builds_the_saved_model_with_its_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("MED3D_HUB_CACHE", str(tmp_path / "cache"))
+    saved = _saved_folder(tmp_path / "model")
+    model = timm.create_model(f"local-dir:{tmp_path / 'model'}", pretrained=True)
+    assert isinstance(model, med3d_hub.models.Med3DResNet) and (model.in_chans, model.num_classes) == (2, 3)
+    x = torch.randn(2, 2, 16, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), saved(x), rtol=0, atol=0)
+    assert model.pretrained_cfg["preprocess"]["intensity"]["method"] == "hu_window"
+    assert resolve_model_data_config(model)["input_size"][0] == 2
+
+    # timm's head override: the saved backbone, a fresh 5-class head
+    five = timm.create_model(f"local-dir:{tmp_path / 'model'}", pretrained=True, num_classes=5)
+    assert five.fc.out_features == 5 and torch.equal(five.layer4[1].conv2.weight, saved.layer4[1].conv2.weight)
+    # without pretrained: the saved network's settings, random weights
+    random = timm.create_model(f"local-dir:{tmp_path / 'model'}")
+    assert (random.in_chans, random.num_classes) == (2, 3) and not torch.equal(random.conv1.weight, saved.conv1.weight)

@@ -97,7 +97,7 @@ class Run:
 
     @property
     def architecture(self) -> str:
-        return self.config["architecture"]
+        return model_files.zoo_architecture(self.config)
 
     @property
     def head(self) -> str | None:

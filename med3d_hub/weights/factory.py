@@ -43,6 +43,31 @@ def create_model(name: str, pretrained: bool | str = False, **kwargs: Any) -> nn
     return create_pretrained(arch, tag, pretrained, **kwargs)
 
 
+def create_saved_model(where: str | os.PathLike, pretrained: bool = True, **kwargs: Any) -> nn.Module:
+    """The network saved in a folder (``model.save_pretrained``, ``med3d export``) or a Hub repo ``org/name[@revision]``.
+
+    config.json rebuilds it (head and settings); ``kwargs`` override it as in ``create_model`` (a head
+    argument replaces the saved head). ``pretrained=True`` loads model.safetensors as ``create_model``
+    loads a file, with the preprocessing config.json records. timm's ``local-dir:`` and ``hf-hub:`` come here.
+    """
+    from . import model_files
+
+    config, weights = model_files.locate_saved(where, **{k: kwargs[k] for k in ("cache_dir", "token") if k in kwargs})
+    arch, saved = model_files.config_model_kwargs(config)
+    if any(k in kwargs for k in ("num_classes", "seg_classes", "seg_upsample", "features_only")):
+        saved = {k: v for k, v in saved.items() if k not in ("num_classes", "seg_classes", "seg_upsample", "features_only", "out_indices")}
+    kwargs = {**saved, **kwargs}
+    if not pretrained:
+        for key in ("cache_dir", "local_files_only", "token"):
+            kwargs.pop(key, None)
+        return build_model(arch, **kwargs)
+    from .pretrained import create_pretrained
+
+    model = create_pretrained(arch, None, weights, **kwargs)
+    model.pretrained_cfg["preprocess"] = config.get("preprocess") or model.pretrained_cfg["preprocess"]
+    return model
+
+
 DEFAULT_WORDS = frozenset({"default", "true", "yes", "on"})
 RANDOM_WORDS = frozenset({"none", "false", "random", "scratch", "no", "off"})
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")

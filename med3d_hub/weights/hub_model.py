@@ -19,7 +19,7 @@ from ..errors import UsageError
 from ..networks import resnet
 from ..networks.registry import FEATURE_ARGS, MODEL_ARGS
 from ..networks.resnet import ARCHITECTURES
-from .model_files import architecture_of, create_model_kwargs, load_pretrained, write_model_files
+from .model_files import config_model_kwargs, load_pretrained, write_model_files
 
 __all__ = ["Med3DResNet", "Med3DResNetFeatures", "build_from_config", "build_model"]
 
@@ -73,14 +73,6 @@ def build_model(arch: str, *, features_only: bool = False, out_indices=(1, 2, 3,
 
 def build_from_config(config: Mapping, **overrides: Any) -> nn.Module:
     """A randomly initialised zoo model for a config (``features_only`` when it has ``out_indices``)."""
-    arch = architecture_of(config["block"], config["layers"])
-    if arch is None:
-        raise UsageError(f"block {config['block']!r} with layers {config['layers']!r} is not a zoo architecture")
-    kwargs = create_model_kwargs(config)
-    if config.get("out_indices") is not None:
-        kwargs.update(features_only=True, out_indices=tuple(config["out_indices"]))
-        kwargs.pop("num_classes", None)
-        kwargs.pop("seg_classes", None)
-        kwargs.pop("seg_upsample", None)
+    arch, kwargs = config_model_kwargs(config)
     kwargs.update(overrides)
     return build_model(arch, **kwargs)

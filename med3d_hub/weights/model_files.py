@@ -11,7 +11,10 @@ One layout serves ``model.save_pretrained`` / ``Med3DResNet.from_pretrained`` (h
   drop_path_rate; ``out_indices`` for feature extractors), which is what the mixin's
   ``from_pretrained`` passes to the class, and descriptive keys for people and other tools
   (``DESCRIPTIVE_KEYS``: architecture, depth, strides, dilation, output_stride, num_features,
-  preprocess, format).
+  preprocess, format). ``architecture`` is timm's name of the model (``med3d_resnet18``), so that
+  ``timm.create_model("local-dir:<folder>")`` and ``"hf-hub:<repo>"`` build this network (see
+  ``timm_models``); files written before say ``resnet18``. Our readers take the architecture from
+  block and layers (``zoo_architecture``), so both read the same.
 
 Loading is strict by default: every key of the model must be in the file with its shape, and the
 file may hold nothing else. Errors name the keys and, for heads, the argument that fixes them.
@@ -31,7 +34,7 @@ from torch import nn
 
 from ..errors import Med3DError, MissingFileError, UsageError
 from ..networks import registry
-from ..networks.registry import architecture_of
+from ..networks.registry import TIMM_PREFIX, architecture_of
 from ..networks.resnet import DILATED_LAYOUT, STRIDED_LAYOUT
 from .checkpoints import HEAD_PREFIXES, CheckpointMismatchError, check_backbone
 from .pretrained_cfg import PretrainedCfg
@@ -53,6 +56,7 @@ __all__ = [
     "model_config",
     "read_config",
     "write_model_files",
+    "zoo_architecture",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -88,7 +92,7 @@ def model_config(model: nn.Module, preprocess: Mapping | None = None) -> dict:
         preprocess = cfg.get("preprocess") if isinstance(cfg, Mapping) else None
     config: dict[str, Any] = {
         "format": CONFIG_FORMAT,
-        "architecture": arch,
+        "architecture": TIMM_PREFIX + arch,
         "depth": int(arch.removeprefix("resnet")) if arch else None,
         "block": model.block,
         "layers": list(model.layers),
@@ -133,7 +137,38 @@ def read_config(path: str | os.PathLike) -> dict:
     return config
 
 
+def zoo_architecture(config: Mapping) -> str | None:
+    """The zoo's name (``resnet18``) of a config's network, from block and layers: the same for every format."""
+    return architecture_of(config["block"], config["layers"])
+
+
 _DEFAULTS = {"in_chans": 1, "seg_upsample": False, "dilated": True, "drop_rate": 0.0, "drop_path_rate": 0.0}
+
+
+def config_model_kwargs(config: Mapping) -> tuple[str, dict]:
+    """The architecture and ``create_model`` options of a config, ``features_only`` when it has ``out_indices``."""
+    arch = zoo_architecture(config)
+    if arch is None:
+        raise UsageError(f"block {config['block']!r} with layers {config['layers']!r} is not a zoo architecture")
+    kwargs = create_model_kwargs(config)
+    if config.get("out_indices") is not None:
+        kwargs.update(features_only=True, out_indices=tuple(config["out_indices"]))
+        for key in ("num_classes", "seg_classes", "seg_upsample"):
+            kwargs.pop(key, None)
+    return arch, kwargs
+
+
+def locate_saved(where: str | os.PathLike, *, cache_dir=None, token=None) -> tuple[dict, str]:
+    """The config of a saved model and a ``pretrained`` reference to its weights: a local path, or
+    ``hf://org/name@revision/model.safetensors`` for a Hub repo ``org/name[@revision]``."""
+    folder = Path(where)
+    if folder.is_dir():
+        return read_config(folder / CONFIG_NAME), str(folder / WEIGHTS_NAME)
+    from huggingface_hub import hf_hub_download
+
+    repo_id, _, revision = str(where).partition("@")
+    config = read_config(hf_hub_download(repo_id, CONFIG_NAME, revision=revision or None, cache_dir=cache_dir, token=token))
+    return config, f"hf://{repo_id}@{revision or 'main'}/{WEIGHTS_NAME}"
 
 
 def create_model_kwargs(config: Mapping) -> dict:
