@@ -23,9 +23,10 @@ from typing import Any
 from timm.models import generate_default_cfgs, register_model
 
 from .networks.registry import TIMM_PREFIX
-from .networks.resnet import ARCHITECTURES, MEDICALNET_INPUT_SIZE
+from .networks.resnet import ARCHITECTURES, timm_data_cfg
 from .weights.factory import create_model, create_saved_model
 from .weights.manifest import load_entries
+from .weights.pretrained_cfg import PretrainedCfg
 
 __all__: list[str] = []  # timm's register_model appends each model name
 PREFIX = TIMM_PREFIX
@@ -33,23 +34,16 @@ PREFIX = TIMM_PREFIX
 
 def _timm_cfg(entry) -> dict:
     """What timm's registry records for a set of weights (informational: our loader does the loading)."""
-    size = entry.preprocess.get("size")
+    cfg = PretrainedCfg.from_entry(entry)
     return {
-        "hf_hub_id": entry.hf_hub_id,
-        "hf_hub_filename": entry.filename,
-        "url": entry.urls[0] if not entry.hf_hub_id and entry.urls else None,
-        "license": entry.license,
+        **timm_data_cfg(entry.in_chans, (cfg.preprocess or {}).get("size")),
+        "hf_hub_id": cfg.hf_hub_id,
+        "hf_hub_filename": cfg.filename,
+        "url": cfg.urls[0] if not cfg.hf_hub_id and cfg.urls else None,
+        "license": cfg.license,
         "description": entry.description,
         "paper_ids": "arXiv:1904.00625",
-        "origin_url": entry.source.get("code"),
-        "num_classes": 0,
-        "input_size": (entry.in_chans, *(size or MEDICALNET_INPUT_SIZE)),
-        "mean": (0.0,) * entry.in_chans,
-        "std": (1.0,) * entry.in_chans,
-        "interpolation": "trilinear",
-        "crop_pct": 1.0,
-        "first_conv": "conv1",
-        "classifier": "fc",
+        "origin_url": (cfg.source or {}).get("code"),
     }
 
 
