@@ -3,8 +3,10 @@ intermediate features, head reset, checkpoint_path, pretrained_cfg_overlay, and 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,3 +139,29 @@ def test_timm_local_dir_builds_the_saved_model_with_its_weights(tmp_path, monkey
     # without pretrained: the saved network's settings, random weights
     random = timm.create_model(f"local-dir:{tmp_path / 'model'}")
     assert (random.in_chans, random.num_classes) == (2, 3) and not torch.equal(random.conv1.weight, saved.conv1.weight)
+
+
+@pytest.mark.hub
+def test_timm_hf_hub_builds_a_pushed_model_with_its_weights(hub_server, tmp_path):
+    """timm's hf-hub: reads the repo's config.json, which names med3d_resnet10. In a subprocess, since
+    huggingface_hub reads HF_ENDPOINT when it is imported."""
+    code = (
+        "import torch, timm, med3d_hub\n"
+        "torch.manual_seed(0)\n"
+        "m = med3d_hub.create_model('resnet10', num_classes=4).eval()\n"
+        "m.push_to_hub('med3d-test/timm')\n"
+        "n = timm.create_model('hf-hub:med3d-test/timm', pretrained=True).eval()\n"
+        "x = torch.randn(1, 1, 24, 24, 24)\n"
+        "assert all(torch.equal(v, n.state_dict()[k]) for k, v in m.state_dict().items())\n"
+        "with torch.no_grad(): torch.testing.assert_close(n(x), m(x))\n"
+        "assert type(n).__name__ == 'Med3DResNet' and n.fc.out_features == 4\n"
+        "assert n.pretrained_cfg['hf_hub_id'] == 'med3d-test/timm' and n.pretrained_cfg['head'] == 'pretrained'\n"
+        "print('ok')\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MED3D_"))}
+    env.update(HF_HOME=str(tmp_path / "home"), HF_ENDPOINT=hub_server.endpoint, HF_HUB_DISABLE_XET="1",
+               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(root)) if p))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
