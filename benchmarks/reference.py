@@ -154,7 +154,7 @@ def count_macs(arch: str, input_shape) -> dict:
         totals["real"] += real
         totals["nominal"] += nominal
 
-    from med3d_hub.weights.pretrained import _SkipRandomInitOnMeta  # random init on meta tensors would import torch._dynamo
+    from med3d_hub.weights.loader import _SkipRandomInitOnMeta  # random init on meta tensors would import torch._dynamo
 
     with torch.device("meta"), _SkipRandomInitOnMeta():
         model = ReferenceBackbone(arch).eval()

@@ -96,7 +96,7 @@ def _without_init(build):
     """Build on the meta device with random init skipped (the weights are loaded next; not timed)."""
     import torch
 
-    from med3d_hub.weights.pretrained import _SkipRandomInitOnMeta
+    from med3d_hub.weights.loader import _SkipRandomInitOnMeta
 
     with torch.device("meta"), _SkipRandomInitOnMeta():
         return build()

@@ -39,7 +39,7 @@ def test_save_pretrained_from_pretrained_round_trip(tmp_path):
     model.save_pretrained(tmp_path)
     assert {"model.safetensors", "config.json", "README.md"} <= {p.name for p in tmp_path.iterdir()}
     config = json.loads((tmp_path / "config.json").read_text())
-    assert (config["architecture"], config["shortcut"], config["in_chans"], config["num_classes"]) == ("resnet18", "A", 2, 3)
+    assert (config["architecture"], config["shortcut"], config["in_chans"], config["num_classes"]) == ("med3d_resnet18", "A", 2, 3)
     assert config["dilated"] is False and config["strides"] == [1, 2, 2, 2] and config["output_stride"] == 32
     tensors = load_file(str(tmp_path / "model.safetensors"))
     assert set(tensors) == set(model.state_dict()) and all(t.is_contiguous() for t in tensors.values())
@@ -103,3 +103,20 @@ def test_push_to_hub_and_from_pretrained_through_the_hub(hub_server, tmp_path):
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
     for name in ("model.safetensors", "config.json", "README.md"):
         assert hub_server.file_bytes("med3d-test/mixin", name)
+
+
+def test_a_folder_written_before_timm_names_still_loads(tmp_path):
+    """config.json now names timm's model (med3d_resnet18); files that say resnet18 read the same."""
+    torch.manual_seed(0)
+    model = _randomised(med3d_hub.create_model("resnet18", num_classes=3))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architecture"] == "med3d_resnet18"
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architecture": "resnet18"}))
+    loaded = Med3DResNet.from_pretrained(tmp_path)
+    x = torch.randn(1, 1, 16, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    from med3d_hub.publishing.run import read_run
+
+    assert read_run(tmp_path).architecture == "resnet18"

@@ -135,7 +135,7 @@ def test_export_writes_weights_config_card_and_record(run_dir, tmp_path):
     assert all(torch.equal(tensors[k], encoder[k]) and tensors[k].is_contiguous() for k in tensors)
 
     config = json.loads((out / "config.json").read_text())
-    assert config["architecture"] == "resnet10" and config["depth"] == 10 and config["shortcut"] == "B"
+    assert config["architecture"] == "med3d_resnet10" and config["depth"] == 10 and config["shortcut"] == "B"
     assert config["in_chans"] == 1 and config["num_classes"] == 0 and config["dilation"] == [1, 1, 2, 4]
     assert config["preprocess"]["intensity"]["method"] == "percentile_zscore" and config["preprocess"]["spacing"] is None
 

@@ -3,8 +3,10 @@ intermediate features, head reset, checkpoint_path, pretrained_cfg_overlay, and 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +100,76 @@ def test_importing_med3d_hub_before_timm_registers_the_models():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "Med3DResNet"
+
+
+def _saved_folder(folder):
+    """A save_pretrained folder of a resnet18 with a 3-class head, 2 input channels and non-trivial BatchNorm statistics."""
+    torch.manual_seed(1)
+    saved = med3d_hub.create_model("resnet18", num_classes=3, in_chans=2)
+    with torch.no_grad():
+        for name, buffer in saved.named_buffers():
+            if "running" in name:
+                buffer.uniform_(0.5, 1.5)
+    saved.pretrained_cfg = {"preprocess": {"intensity": {"method": "hu_window", "min": -200, "max": 250}}}
+    saved.save_pretrained(folder)
+    return saved.eval()
+
+
+def _timm_has_local_dir() -> bool:
+    from packaging.version import Version
+
+    return Version(timm.__version__) >= Version("1.0.16")  # local-dir: came with timm 1.0.16
+
+
+@pytest.mark.skipif(not _timm_has_local_dir(), reason="timm.create_model('local-dir:...') needs timm 1.0.16")
+def test_timm_local_dir_builds_the_saved_model_with_its_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("MED3D_HUB_CACHE", str(tmp_path / "cache"))
+    saved = _saved_folder(tmp_path / "model")
+    model = timm.create_model(f"local-dir:{tmp_path / 'model'}", pretrained=True)
+    assert isinstance(model, med3d_hub.models.Med3DResNet) and (model.in_chans, model.num_classes) == (2, 3)
+    x = torch.randn(2, 2, 16, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), saved(x), rtol=0, atol=0)
+    assert model.pretrained_cfg["preprocess"]["intensity"]["method"] == "hu_window"
+    assert resolve_model_data_config(model)["input_size"][0] == 2
+
+    # timm's head override: the saved backbone, a fresh 5-class head
+    five = timm.create_model(f"local-dir:{tmp_path / 'model'}", pretrained=True, num_classes=5)
+    assert five.fc.out_features == 5 and torch.equal(five.layer4[1].conv2.weight, saved.layer4[1].conv2.weight)
+    # without pretrained: the saved network's settings, random weights
+    random = timm.create_model(f"local-dir:{tmp_path / 'model'}")
+    assert (random.in_chans, random.num_classes) == (2, 3) and not torch.equal(random.conv1.weight, saved.conv1.weight)
+
+
+def _timm_works_with_this_huggingface_hub() -> bool:
+    """Older timm cannot import a newer huggingface_hub (timm 1.0.3 with 2.x): its hf-hub: then refuses to run."""
+    from timm.models._hub import has_hf_hub
+
+    return has_hf_hub(necessary=False)
+
+
+@pytest.mark.hub
+@pytest.mark.skipif(not _timm_works_with_this_huggingface_hub(), reason="this timm cannot use the installed huggingface_hub")
+def test_timm_hf_hub_builds_a_pushed_model_with_its_weights(hub_server, tmp_path):
+    """timm's hf-hub: reads the repo's config.json, which names med3d_resnet10. In a subprocess, since
+    huggingface_hub reads HF_ENDPOINT when it is imported."""
+    code = (
+        "import torch, timm, med3d_hub\n"
+        "torch.manual_seed(0)\n"
+        "m = med3d_hub.create_model('resnet10', num_classes=4).eval()\n"
+        "m.push_to_hub('med3d-test/timm')\n"
+        "n = timm.create_model('hf-hub:med3d-test/timm', pretrained=True).eval()\n"
+        "x = torch.randn(1, 1, 24, 24, 24)\n"
+        "assert all(torch.equal(v, n.state_dict()[k]) for k, v in m.state_dict().items())\n"
+        "with torch.no_grad(): torch.testing.assert_close(n(x), m(x))\n"
+        "assert type(n).__name__ == 'Med3DResNet' and n.fc.out_features == 4\n"
+        "assert n.pretrained_cfg['hf_hub_id'] == 'med3d-test/timm' and n.pretrained_cfg['head'] == 'pretrained'\n"
+        "print('ok')\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MED3D_"))}
+    env.update(HF_HOME=str(tmp_path / "home"), HF_ENDPOINT=hub_server.endpoint, HF_HUB_DISABLE_XET="1",
+               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(root)) if p))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

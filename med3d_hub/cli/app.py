@@ -293,10 +293,11 @@ def _size(n: int | None) -> str:
 
 def _estimated_size(arch: str) -> str:
     """A file's size where the manifest leaves it unknown, shown as about: the backbone's tensors in float32."""
-    from ..weights.pretrained import _build_without_init
+    from ..weights.hub_model import build_model
+    from ..weights.loader import build_without_init
 
     try:
-        model = _build_without_init(arch, {"num_classes": 0})  # on the meta device: shapes only
+        model = build_without_init(build_model, arch, num_classes=0)  # on the meta device: shapes only
     except Exception:  # an architecture this version cannot build: nothing to estimate
         return "?"
     return "~" + _size(sum(t.numel() * 4 for t in model.state_dict().values()))

@@ -16,6 +16,7 @@ from .resnet import ARCHITECTURES, Med3DResNet
 # the network's options, in the order of its constructor (block and layers come from the name)
 MODEL_ARGS = tuple(p for p in inspect.signature(Med3DResNet.__init__).parameters if p not in ("self", "block", "layers"))
 FEATURE_ARGS = frozenset({"features_only", "out_indices"})
+TIMM_PREFIX = "med3d_"  # timm's registry names the zoo's models med3d_resnet{depth}; config.json's "architecture" is that name
 
 
 def list_models(pattern: str | None = None) -> list[str]:

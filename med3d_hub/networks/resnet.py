@@ -43,6 +43,29 @@ DEFAULT_NUM_CLASSES = 2
 MEDICALNET_INPUT_SIZE = (56, 448, 448)
 
 
+def timm_data_cfg(
+    in_chans: int, size: Sequence[int] | None = None, *, num_classes: int = 0, seg_classes: int | None = None
+) -> dict:
+    """timm's keys of ``pretrained_cfg``, in 3D: what ``timm.data.resolve_model_data_config`` reads.
+
+    ``input_size`` is (C, D, H, W): ``size`` (the weights' preprocessing size, D, H, W) or
+    MedicalNet's training crop. ``mean``/``std`` are 0/1 per channel because the preprocessing
+    z-scores each volume by its own intensities (``pretrained_cfg["preprocess"]``), not by
+    dataset statistics: the network sees zero-mean, unit-variance input.
+    """
+    return {
+        "input_size": [in_chans, *(size or MEDICALNET_INPUT_SIZE)],  # lists: pretrained_cfg is JSON-ready
+        "mean": [0.0] * in_chans,
+        "std": [1.0] * in_chans,
+        "interpolation": "trilinear",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "num_classes": seg_classes if seg_classes is not None else num_classes,
+        "first_conv": "conv1",
+        "classifier": "conv_seg.conv" if seg_classes is not None else "fc",
+    }
+
+
 def conv3x3x3(in_planes: int, out_planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv3d:
     return nn.Conv3d(in_planes, out_planes, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
 
@@ -279,24 +302,8 @@ class Med3DResNet(nn.Module):
 
     # -- timm-like surface ----------------------------------------------------------------------
     def data_cfg(self, size: Sequence[int] | None = None) -> dict:
-        """timm's keys of ``pretrained_cfg``, in 3D: what ``timm.data.resolve_model_data_config`` reads.
-
-        ``input_size`` is (C, D, H, W): ``size`` (the weights' preprocessing size, D, H, W) or
-        MedicalNet's training crop. ``mean``/``std`` are 0/1 per channel because the preprocessing
-        z-scores each volume by its own intensities (``pretrained_cfg["preprocess"]``), not by
-        dataset statistics: the network sees zero-mean, unit-variance input.
-        """
-        return {
-            "input_size": [self.in_chans, *(size or MEDICALNET_INPUT_SIZE)],  # lists: pretrained_cfg is JSON-ready
-            "mean": [0.0] * self.in_chans,
-            "std": [1.0] * self.in_chans,
-            "interpolation": "trilinear",
-            "crop_pct": 1.0,
-            "crop_mode": "center",
-            "num_classes": self.seg_classes if self.seg_classes is not None else self.num_classes,
-            "first_conv": "conv1",
-            "classifier": "conv_seg.conv" if self.seg_classes is not None else "fc",
-        }
+        """timm's keys of ``pretrained_cfg`` for this model (see `timm_data_cfg`)."""
+        return timm_data_cfg(self.in_chans, size, num_classes=self.num_classes, seg_classes=self.seg_classes)
 
     @property
     def default_cfg(self) -> dict:

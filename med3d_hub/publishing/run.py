@@ -26,6 +26,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -35,8 +36,9 @@ from torch import nn
 from ..errors import Med3DError, UsageError
 from ..networks.resnet import ARCHITECTURES
 from ..weights import model_files
-from ..weights.checkpoints import infer_shortcut
-from ..weights.hub_model import build_from_config
+from ..weights.hub_model import build_model
+from ..weights.loader import ResolvedWeights, load_model
+from ..weights.pretrained_cfg import PretrainedCfg
 
 __all__ = ["DatasetInfo", "RUN_CONFIG", "RUN_ENCODER", "Run", "RunError", "Validation", "license_id", "read_run"]
 
@@ -97,7 +99,7 @@ class Run:
 
     @property
     def architecture(self) -> str:
-        return self.config["architecture"]
+        return model_files.zoo_architecture(self.config)
 
     @property
     def head(self) -> str | None:
@@ -162,12 +164,10 @@ def read_run(
     return run
 
 
-def _load_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
-    """Refuse non-finite weights and anything short of a strict load; returns the loaded model in eval mode."""
-    model_files.check_finite(state, source=source)
-    model_files.check_state_dict(model, state, source=source)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+def _load_checked(arch: str, state: dict[str, torch.Tensor], source: str, **kwargs: Any) -> nn.Module:
+    """The model of these weights through the one loader: non-finite weights refused, head and backbone strict; eval mode."""
+    weights = ResolvedWeights(state, PretrainedCfg(name=arch, architecture=arch, file=source, format="safetensors"), source)
+    return load_model(partial(build_model, arch), weights, head="exact", **kwargs).eval()
 
 
 def _read_cotraining(path: Path, checkpoint: str | os.PathLike | None) -> Run:
@@ -201,10 +201,7 @@ def _read_cotraining(path: Path, checkpoint: str | os.PathLike | None) -> Run:
     else:
         state, step, world_size, source = _from_checkpoint(path, checkpoint, arch)
 
-    from ..weights.hub_model import build_model
-
-    model = build_model(arch, num_classes=0, shortcut=infer_shortcut(state))
-    _load_checked(model, state, source)
+    model = _load_checked(arch, state, source, num_classes=0)
     tasks = [t for t in cfg.get("tasks") or [] if isinstance(t, dict)]
     datasets = [_dataset_info(t, cfg) for t in tasks]
     records = _metrics(path / "metrics.jsonl")
@@ -270,18 +267,14 @@ def _peek_world_size(path: Path, step: int | None) -> int | None:
 
 
 def _read_model_folder(path: Path) -> Run:
-    from safetensors.torch import load_file
-
     from ..data.preprocess import PAPER_PREPROCESS
 
     try:
         config = model_files.read_config(path / model_files.CONFIG_NAME)
     except (OSError, ValueError) as error:
         raise RunError(str(error)) from None
-    weights = path / model_files.WEIGHTS_NAME
-    state = load_file(str(weights))
-    model = build_from_config(config)
-    _load_checked(model, state, str(weights))
+    arch, weights = model_files.resolve_saved(path, config=config)
+    model = load_model(partial(build_model, arch), weights, head="exact").eval()
     preprocess = config.get("preprocess") or dict(PAPER_PREPROCESS)
     training = None
     if (path / "training_config.yaml").is_file():

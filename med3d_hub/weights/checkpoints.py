@@ -20,9 +20,12 @@ from ..networks.registry import architecture_of
 __all__ = [
     "HEAD_PREFIXES",
     "CheckpointMismatchError",
+    "NonFiniteWeightsError",
     "adapt_in_chans",
     "architecture_of_keys",
     "check_backbone",
+    "check_finite",
+    "describe_head",
     "detect_format",
     "infer_shortcut",
     "read_state_dict",
@@ -32,6 +35,7 @@ __all__ = [
 
 HEAD_PREFIXES = ("fc.", "conv_seg.")
 _SHOWN = 12  # key names listed in an error before "and N more"
+_SHOWN_NONFINITE = 8  # tensors listed, with their counts, in an error about NaN or infinity
 # torch.save writes a zip archive (PyTorch >= 1.6) or, before that, a pickle (protocol byte 0x80)
 _TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
 
@@ -123,6 +127,15 @@ def infer_shortcut(state_dict: Mapping[str, torch.Tensor]) -> str:
     return "B" if any(".downsample." in k for k in state_dict) else "A"
 
 
+def describe_head(state: Mapping) -> str:
+    """The head a state dict (or a dict of shapes) holds, in words, for errors and logs."""
+    shape = {k: tuple(getattr(v, "shape", v)) for k, v in state.items() if k.startswith(HEAD_PREFIXES)}
+    if "fc.weight" in shape:
+        return f"linear head fc with {shape['fc.weight'][0]} classes"
+    seg = sorted(k for k in shape if k.startswith("conv_seg.") and k.endswith(".weight"))
+    return f"segmentation head conv_seg with {shape[seg[-1]][0]} classes" if seg else "no head"
+
+
 def _names(keys) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:_SHOWN])
@@ -183,3 +196,37 @@ def adapt_in_chans(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     repeats = math.ceil(in_chans / trained)
     tiled = weight.repeat(1, repeats, *([1] * (weight.ndim - 2)))[:, :in_chans]
     return (tiled * (trained / in_chans)).contiguous()
+
+
+class NonFiniteWeightsError(Med3DError, ValueError):
+    """The weights hold NaN or infinite values; the message names the tensors."""
+
+
+def check_finite(state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Refuse weights with NaN or infinite values, naming the tensors."""
+    bad = {}
+    for key, value in state_dict.items():
+        if (value.is_floating_point() or value.is_complex()) and not _sum_is_finite(value):
+            count = int((~torch.isfinite(value)).sum())  # exact, for the rare tensor whose sum is not finite
+            if count:
+                bad[key] = count
+    if bad:
+        keys = sorted(bad)
+        shown = ", ".join(f"{k} ({bad[k]} of {state_dict[k].numel()})" for k in keys[:_SHOWN_NONFINITE])
+        more = f" and {len(keys) - _SHOWN_NONFINITE} more tensors" if len(keys) > _SHOWN_NONFINITE else ""
+        raise NonFiniteWeightsError(
+            f"the weights in {source} hold NaN or infinite values: {shown}{more}. The run diverged or the file is "
+            "damaged; publish an earlier checkpoint (--checkpoint) or retrain with a lower learning rate."
+        )
+
+
+def _sum_is_finite(value: torch.Tensor) -> bool:
+    """One cheap pass: any NaN or infinity makes the sum non-finite (a finite sum proves all values finite).
+
+    numpy's reduction, because it runs at memory speed where torch's elementwise checks do not.
+    """
+    if value.dtype in (torch.float32, torch.float64, torch.float16) and value.device.type == "cpu":
+        import numpy as np
+
+        return bool(np.isfinite(value.detach().numpy().sum(dtype=np.float64)))
+    return bool(torch.isfinite(value.detach().sum()))

@@ -15,6 +15,7 @@ fine-tuning recipes), with one vocabulary, documented in docs/pretrained.md:
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,30 @@ def create_model(name: str, pretrained: bool | str = False, **kwargs: Any) -> nn
     arch, tag = split_name(name)
     if pretrained is False or pretrained is None:
         return build_model(arch, **kwargs)  # its pretrained_cfg holds timm's data keys and no weights (no sha256)
-    from .pretrained import create_pretrained  # the Hub layer loads only when weights are asked for
+    from .loader import load_model  # the Hub layer loads only when weights are asked for
+    from .pretrained import LOADER_ARGS, resolve_weights
 
-    return create_pretrained(arch, tag, pretrained, **kwargs)
+    loader = {k: kwargs.pop(k) for k in LOADER_ARGS if k in kwargs}
+    return load_model(partial(build_model, arch), resolve_weights(arch, tag, pretrained, **loader), **kwargs)
+
+
+def create_saved_model(where: str | os.PathLike, pretrained: bool = True, **kwargs: Any) -> nn.Module:
+    """The network saved in a folder (``model.save_pretrained``, ``med3d export``) or a Hub repo ``org/name[@revision]``.
+
+    config.json rebuilds it (head and settings); ``kwargs`` override it as in ``create_model`` (a head
+    argument replaces the saved head), and a head the weights lack is initialised afresh.
+    ``pretrained=False`` keeps the settings and not the weights. timm's ``local-dir:`` and ``hf-hub:`` come here.
+    """
+    from .loader import load_model, over_saved_kwargs
+    from .model_files import config_model_kwargs, read_saved_config, resolve_saved
+    from .pretrained import LOADER_ARGS
+
+    loader = {k: kwargs.pop(k) for k in LOADER_ARGS if k in kwargs}
+    if not pretrained:
+        arch, saved = config_model_kwargs(read_saved_config(where, **loader))
+        return build_model(arch, **over_saved_kwargs(saved, kwargs))
+    arch, weights = resolve_saved(where, **loader)
+    return load_model(partial(build_model, arch), weights, **kwargs)
 
 
 DEFAULT_WORDS = frozenset({"default", "true", "yes", "on"})

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from ..errors import Med3DError, MissingFileError
 from ..networks.finetune_net import FinetuneNet
+from ..networks.registry import split_name
 from . import model_files
-from .checkpoints import infer_shortcut
+from .checkpoints import CheckpointMismatchError, check_finite
+from .hub_model import build_model
+from .loader import ResolvedWeights, load_model
+from .pretrained_cfg import PretrainedCfg
 
 __all__ = ["FINETUNED_NAME", "TRAINING_CONFIG_NAME", "FinetunedRun", "is_finetune_run", "read_finetuned",
            "read_training_config"]
@@ -65,11 +70,12 @@ def read_training_config(folder: str | os.PathLike) -> dict | None:
 
 
 def read_finetuned(folder: str | os.PathLike) -> FinetunedRun:
-    """Rebuild the network of a finished fine-tuning run and load every weight strictly."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    """Rebuild the network of a finished fine-tuning run and load every weight strictly.
 
-    from .factory import create_model
+    The encoder goes through the one loader (``loader.load_model``) like any other weights; the run's
+    head, which only ``FinetuneNet`` has, is then loaded strictly into the net around it.
+    """
+    from safetensors import safe_open
 
     folder = Path(folder)
     path = folder / FINETUNED_NAME
@@ -82,18 +88,38 @@ def read_finetuned(folder: str | os.PathLike) -> FinetunedRun:
         task, num_classes = meta["task"], int(meta["num_classes"])
     except (KeyError, ValueError):
         raise FinetunedRunError(f"{path}: its metadata lacks task / num_classes; rerun the fine-tuning") from None
-    state = load_file(str(path))
-    model_files.check_finite(state, source=str(path))
-    encoder = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
-    backbone = create_model(str(cfg.get("model", "resnet10")), num_classes=0, shortcut=infer_shortcut(encoder))
-    net = FinetuneNet(backbone, task, num_classes, str(cfg.get("decoder", "paper")), float(cfg.get("drop_rate", 0.0)))
-    net.load_state_dict(state, strict=True)
-    names = [n for n in meta.get("class_names", "").split(",") if n]
-    if len(names) != num_classes:
-        names = [str(c) for c in range(num_classes)]
     preprocess = None
     if (folder / model_files.CONFIG_NAME).is_file():
         preprocess = model_files.read_config(folder / model_files.CONFIG_NAME).get("preprocess")
+    arch, _ = split_name(str(cfg.get("model", "resnet10")))
+    encoder_weights, head = _resolve_run(path, arch, preprocess)
+    encoder = load_model(partial(build_model, arch), encoder_weights, num_classes=0)
+    net = FinetuneNet(encoder, task, num_classes, str(cfg.get("decoder", "paper")), float(cfg.get("drop_rate", 0.0)))
+    net.head.load_state_dict(head, strict=True)
+    names = [n for n in meta.get("class_names", "").split(",") if n]
+    if len(names) != num_classes:
+        names = [str(c) for c in range(num_classes)]
     crop = tuple(int(n) for n in cfg.get("crop", (64, 96, 96)))
     return FinetunedRun(net.eval(), task, names, crop, preprocess, cfg)
 
+
+def _resolve_run(path: Path, arch: str, preprocess: dict | None) -> tuple[ResolvedWeights, dict]:
+    """The run's encoder weights (for the loader) and its head's state dict; anything else in the file is an error."""
+    from safetensors.torch import load_file
+
+    from ..data.preprocess import PAPER_PREPROCESS, Preprocess
+    from ..files import sha256_file
+
+    state = load_file(str(path))
+    check_finite(state, source=str(path))
+    encoder = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
+    other = sorted(k for k in state if not k.startswith(("encoder.", "head.")))
+    if other:
+        raise CheckpointMismatchError(f"{path} holds keys that are neither encoder.* nor head.*: {', '.join(other[:8])}")
+    cfg = PretrainedCfg(
+        name=arch, architecture=arch, filename=path.name, sha256=sha256_file(path), size=path.stat().st_size,
+        format="safetensors", file=str(path),
+        preprocess=Preprocess.from_dict(PAPER_PREPROCESS if preprocess is None else preprocess).to_dict(),
+    )  # fmt: skip
+    return ResolvedWeights(encoder, cfg, f"{path} (encoder)"), head

@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from ..errors import Med3DError, UsageError
 from ..files import atomic_write
@@ -115,6 +115,43 @@ def _entry_from_dict(raw: Any, where: str, origin: str = "") -> WeightsEntry:
     def fail(message: str) -> ManifestError:
         return ManifestError(f"{where}: {message}")
 
+    _check_fields(raw, fail)
+    _check_identity(raw, fail)
+    hf_hub_id, revision, urls = _check_locations(raw, fail)
+    size, in_chans, default, description = _check_optional(raw, fail)
+    _check_source(raw["source"], fail)
+    try:
+        preprocess = _check_preprocess(raw["preprocess"])
+    except (TypeError, ValueError) as error:
+        kind = "" if isinstance(error, ValueError) else "a value has the wrong type: "
+        raise fail(f"preprocess: {kind}{error}") from None
+
+    return WeightsEntry(
+        model=raw["model"],
+        tag=raw["tag"],
+        sha256=raw["sha256"].lower(),
+        format=raw["format"],
+        shortcut=raw["shortcut"],
+        license=raw["license"],
+        source=json.loads(json.dumps(raw["source"])),
+        preprocess=preprocess,
+        filename=raw["filename"],
+        hf_hub_id=hf_hub_id,
+        revision=revision,
+        urls=tuple(urls),
+        size=size,
+        in_chans=in_chans,
+        default=default,
+        description=description,
+        origin=origin,
+    )
+
+
+_Fail = Callable[[str], ManifestError]
+
+
+def _check_fields(raw: Any, fail: _Fail) -> None:
+    """An object with every required field and no unknown one."""
     if not isinstance(raw, Mapping):
         raise fail(f"an entry must be a JSON object, got {type(raw).__name__}")
     missing = [k for k in _REQUIRED if k not in raw]
@@ -124,12 +161,14 @@ def _entry_from_dict(raw: Any, where: str, origin: str = "") -> WeightsEntry:
     if unknown:
         raise fail(f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(_REQUIRED + _OPTIONAL)}")
 
+
+def _check_identity(raw: Mapping, fail: _Fail) -> None:
+    """What the weights are: model, tag, file name, sha256, format, shortcut, licence."""
     model, tag = raw["model"], raw["tag"]
     if not isinstance(model, str) or model not in ARCHITECTURES:
         raise fail(f"model {model!r} is not one of {', '.join(ARCHITECTURES)}")
     if not isinstance(tag, str) or not _TAG.fullmatch(tag):
         raise fail(f"tag {tag!r} must be lower-case letters, digits, '-' or '_' (no dots), e.g. '3dseg8'")
-
     filename = raw["filename"]
     if not isinstance(filename, str) or not filename or filename.startswith("/") or ".." in filename.split("/"):
         raise fail(f"filename {filename!r} must be a relative path inside the repo, e.g. 'resnet_50.pth'")
@@ -143,6 +182,9 @@ def _entry_from_dict(raw: Any, where: str, origin: str = "") -> WeightsEntry:
     if not isinstance(raw["license"], str) or not raw["license"]:
         raise fail("license must be a non-empty string such as 'MIT'")
 
+
+def _check_locations(raw: Mapping, fail: _Fail) -> tuple[str | None, str, list[str]]:
+    """Where the weights are: a Hub repo and revision, mirror URLs, or both."""
     hf_hub_id = raw.get("hf_hub_id")
     if hf_hub_id is not None and (not isinstance(hf_hub_id, str) or not _REPO_ID.fullmatch(hf_hub_id)):
         raise fail(f"hf_hub_id {hf_hub_id!r} must look like 'org/name'")
@@ -156,9 +198,14 @@ def _entry_from_dict(raw: Any, where: str, origin: str = "") -> WeightsEntry:
         raise fail("give hf_hub_id (a Hub repo) or urls (mirrors), or both: the entry has no source")
     if hf_hub_id is not None:
         try:  # they become paths in the Hugging Face cache: the Hub's own rules, before any download
-            check_hub_file(hf_hub_id, revision, filename)
+            check_hub_file(hf_hub_id, revision, raw["filename"])
         except ValueError as error:
             raise fail(str(error)) from None
+    return hf_hub_id, revision, urls
+
+
+def _check_optional(raw: Mapping, fail: _Fail) -> tuple[int | None, int, bool, str]:
+    """size, in_chans, default and description, with their defaults."""
     size = raw.get("size")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
         raise fail(f"size must be a positive number of bytes or null (unknown), got {size!r}")
@@ -171,8 +218,11 @@ def _entry_from_dict(raw: Any, where: str, origin: str = "") -> WeightsEntry:
     description = raw.get("description", "")
     if not isinstance(description, str):
         raise fail(f"description must be a string, got {description!r}")
+    return size, in_chans, default, description
 
-    source = raw["source"]
+
+def _check_source(source: Any, fail: _Fail) -> None:
+    """Provenance: the paper, the datasets, and the create_model arguments of a published fine-tune."""
     if not isinstance(source, Mapping):
         raise fail("source must be an object with at least 'paper' and 'datasets'")
     if "paper" not in source or not (source["paper"] is None or isinstance(source["paper"], str)):
@@ -185,32 +235,6 @@ def _entry_from_dict(raw: Any, where: str, origin: str = "") -> WeightsEntry:
         isinstance(model_kwargs, Mapping) and all(isinstance(v, (str, int, float, bool, type(None))) for v in model_kwargs.values())
     ):
         raise fail(f"source.model_kwargs must be an object of create_model arguments (plain values), got {model_kwargs!r}")
-
-    try:
-        preprocess = _check_preprocess(raw["preprocess"])
-    except (TypeError, ValueError) as error:
-        kind = "" if isinstance(error, ValueError) else "a value has the wrong type: "
-        raise fail(f"preprocess: {kind}{error}") from None
-
-    return WeightsEntry(
-        model=model,
-        tag=tag,
-        sha256=sha256.lower(),
-        format=raw["format"],
-        shortcut=raw["shortcut"],
-        license=raw["license"],
-        source=json.loads(json.dumps(source)),
-        preprocess=preprocess,
-        filename=filename,
-        hf_hub_id=hf_hub_id,
-        revision=revision,
-        urls=tuple(urls),
-        size=size,
-        in_chans=in_chans,
-        default=default,
-        description=description,
-        origin=origin,
-    )
 
 
 def _check_preprocess(spec: Any) -> dict:

@@ -11,16 +11,19 @@ One layout serves ``model.save_pretrained`` / ``Med3DResNet.from_pretrained`` (h
   drop_path_rate; ``out_indices`` for feature extractors), which is what the mixin's
   ``from_pretrained`` passes to the class, and descriptive keys for people and other tools
   (``DESCRIPTIVE_KEYS``: architecture, depth, strides, dilation, output_stride, num_features,
-  preprocess, format).
+  preprocess, format). ``architecture`` is timm's name of the model (``med3d_resnet18``), so that
+  ``timm.create_model("local-dir:<folder>")`` and ``"hf-hub:<repo>"`` build this network (see
+  ``timm_models``); files written before say ``resnet18``. Our readers take the architecture from
+  block and layers (``zoo_architecture``), so both read the same.
 
-Loading is strict by default: every key of the model must be in the file with its shape, and the
-file may hold nothing else. Errors name the keys and, for heads, the argument that fixes them.
+``resolve_saved`` finds and reads a saved folder or Hub repo; ``loader.load_model`` builds the model
+with it (strict by default: every key of the model in the file with its shape, nothing else; errors
+name the keys and, for heads, the argument that fixes them).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from pathlib import Path
@@ -29,14 +32,15 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..errors import Med3DError, MissingFileError, UsageError
+from ..errors import MissingFileError, UsageError
 from ..networks import registry
-from ..networks.registry import architecture_of
+from ..networks.registry import TIMM_PREFIX, architecture_of
 from ..networks.resnet import DILATED_LAYOUT, STRIDED_LAYOUT
-from .checkpoints import HEAD_PREFIXES, CheckpointMismatchError, check_backbone
+from .checkpoints import (
+    HEAD_PREFIXES, CheckpointMismatchError, NonFiniteWeightsError, check_backbone, check_finite, describe_head,
+)  # fmt: skip
+from .loader import ResolvedWeights
 from .pretrained_cfg import PretrainedCfg
-
-log = logging.getLogger(__name__)
 
 __all__ = [
     "CONFIG_NAME",
@@ -47,12 +51,15 @@ __all__ = [
     "architecture_of",
     "check_finite",
     "check_state_dict",
+    "config_model_kwargs",
     "create_model_kwargs",
     "file_state_dict",
-    "load_pretrained",
     "model_config",
     "read_config",
+    "read_saved_config",
+    "resolve_saved",
     "write_model_files",
+    "zoo_architecture",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -62,11 +69,6 @@ MODEL_ARGS = ("block", "layers", *registry.MODEL_ARGS)  # config.json keys that 
 DESCRIPTIVE_KEYS = (
     "format", "architecture", "depth", "strides", "dilation", "output_stride", "num_features", "preprocess",
 )  # fmt: skip
-_SHOWN = 8
-
-
-class NonFiniteWeightsError(Med3DError, ValueError):
-    """The weights hold NaN or infinite values; the message names the tensors."""
 
 
 # -- config.json --------------------------------------------------------------------------------------
@@ -88,7 +90,7 @@ def model_config(model: nn.Module, preprocess: Mapping | None = None) -> dict:
         preprocess = cfg.get("preprocess") if isinstance(cfg, Mapping) else None
     config: dict[str, Any] = {
         "format": CONFIG_FORMAT,
-        "architecture": arch,
+        "architecture": TIMM_PREFIX + arch,
         "depth": int(arch.removeprefix("resnet")) if arch else None,
         "block": model.block,
         "layers": list(model.layers),
@@ -133,7 +135,25 @@ def read_config(path: str | os.PathLike) -> dict:
     return config
 
 
+def zoo_architecture(config: Mapping) -> str | None:
+    """The zoo's name (``resnet18``) of a config's network, from block and layers: the same for every format."""
+    return architecture_of(config["block"], config["layers"])
+
+
 _DEFAULTS = {"in_chans": 1, "seg_upsample": False, "dilated": True, "drop_rate": 0.0, "drop_path_rate": 0.0}
+
+
+def config_model_kwargs(config: Mapping) -> tuple[str, dict]:
+    """The architecture and ``create_model`` options of a config, ``features_only`` when it has ``out_indices``."""
+    arch = zoo_architecture(config)
+    if arch is None:
+        raise UsageError(f"block {config['block']!r} with layers {config['layers']!r} is not a zoo architecture")
+    kwargs = create_model_kwargs(config)
+    if config.get("out_indices") is not None:
+        kwargs.update(features_only=True, out_indices=tuple(config["out_indices"]))
+        for key in ("num_classes", "seg_classes", "seg_upsample"):
+            kwargs.pop(key, None)
+    return arch, kwargs
 
 
 def create_model_kwargs(config: Mapping) -> dict:
@@ -159,36 +179,6 @@ def file_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in sorted(state_dict.items())}
 
 
-def check_finite(state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
-    """Refuse weights with NaN or infinite values, naming the tensors."""
-    bad = {}
-    for key, value in state_dict.items():
-        if (value.is_floating_point() or value.is_complex()) and not _sum_is_finite(value):
-            count = int((~torch.isfinite(value)).sum())  # exact, for the rare tensor whose sum is not finite
-            if count:
-                bad[key] = count
-    if bad:
-        keys = sorted(bad)
-        shown = ", ".join(f"{k} ({bad[k]} of {state_dict[k].numel()})" for k in keys[:_SHOWN])
-        more = f" and {len(keys) - _SHOWN} more tensors" if len(keys) > _SHOWN else ""
-        raise NonFiniteWeightsError(
-            f"the weights in {source} hold NaN or infinite values: {shown}{more}. The run diverged or the file is "
-            "damaged; publish an earlier checkpoint (--checkpoint) or retrain with a lower learning rate."
-        )
-
-
-def _sum_is_finite(value: torch.Tensor) -> bool:
-    """One cheap pass: any NaN or infinity makes the sum non-finite (a finite sum proves all values finite).
-
-    numpy's reduction, because it runs at memory speed where torch's elementwise checks do not.
-    """
-    if value.dtype in (torch.float32, torch.float64, torch.float16) and value.device.type == "cpu":
-        import numpy as np
-
-        return bool(np.isfinite(value.detach().numpy().sum(dtype=np.float64)))
-    return bool(torch.isfinite(value.detach().sum()))
-
-
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
     """Strict check of a whole state dict (backbone and head) against a model; errors name the keys."""
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -196,7 +186,7 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *
     file_head = sorted(k for k in state_dict if k.startswith(HEAD_PREFIXES))
     if model_head != file_head or any(tuple(state_dict[k].shape) != shapes[k] for k in file_head):
         raise CheckpointMismatchError(
-            f"the head in {source} ({_head_of(state_dict)}) differs from the model's ({_head_of(model.state_dict())}); "
+            f"the head in {source} ({describe_head(state_dict)}) differs from the model's ({describe_head(shapes)}); "
             "build the model with the head of the file (num_classes=..., seg_classes=...), or load with strict=False "
             "to keep a fresh head"
         )
@@ -205,15 +195,6 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *
         {k: v for k, v in state_dict.items() if k not in file_head},
         source=source,
     )
-
-
-def _head_of(state_dict: Mapping[str, torch.Tensor]) -> str:
-    if "fc.weight" in state_dict:
-        return f"linear head fc with {state_dict['fc.weight'].shape[0]} classes"
-    seg = sorted(k for k in state_dict if k.startswith("conv_seg.") and k.endswith(".weight"))
-    if seg:
-        return f"segmentation head conv_seg with {state_dict[seg[-1]].shape[0]} classes"
-    return "no head"
 
 
 def write_model_files(folder: str | os.PathLike, model: nn.Module, *, preprocess: Mapping | None = None) -> tuple[Path, Path]:
@@ -234,92 +215,57 @@ def write_model_files(folder: str | os.PathLike, model: nn.Module, *, preprocess
     return weights, config_path
 
 
-def load_pretrained(
-    cls: type,
-    model_id: str,
-    *,
-    revision: str | None,
-    cache_dir: str | os.PathLike | None,
-    force_download: bool,
-    local_files_only: bool,
-    token: str | bool | None,
-    map_location: str | torch.device = "cpu",
-    strict: bool = True,
-    model_kwargs: Mapping[str, Any],
-    config: Mapping[str, Any] | None = None,
-) -> nn.Module:
-    """The weights step of ``Med3DResNet.from_pretrained``.
+# -- reading a saved model back ------------------------------------------------------------------------
 
-    The mixin has read config.json: ``config`` is the whole file, ``model_kwargs`` the constructor
-    arguments (from the file, or given by the caller).
+
+def _saved_file(where: str | os.PathLike, filename: str, hub_args: Mapping[str, Any]) -> tuple[Path, str | None, str | None]:
+    """A file of a saved folder, or of a Hub repo ``org/name[@revision]`` (huggingface_hub downloads and caches it).
+
+    Returns the local path, and the repo and revision when it came from the Hub.
+    """
+    folder = Path(where)
+    if folder.is_dir():
+        path = folder / filename
+        if not path.is_file():
+            raise MissingFileError(f"{folder} has no {filename}; save one with model.save_pretrained({str(folder)!r})")
+        return path, None, None
+    from huggingface_hub import hf_hub_download
+
+    repo_id, _, at = str(where).partition("@")
+    revision = hub_args.get("revision") or at or None
+    args = {k: v for k, v in hub_args.items() if k != "revision" and v is not None}
+    return Path(hf_hub_download(repo_id, filename, revision=revision, **args)), repo_id, revision or "main"
+
+
+def read_saved_config(where: str | os.PathLike, **hub_args: Any) -> dict:
+    """config.json of a saved folder or Hub repo, checked (``read_config``)."""
+    return read_config(_saved_file(where, CONFIG_NAME, hub_args)[0])
+
+
+def resolve_saved(where: str | os.PathLike, *, config: Mapping | None = None, **hub_args: Any) -> tuple[str, ResolvedWeights]:
+    """The architecture and the weights of a saved folder or Hub repo, for ``loader.load_model``.
+
+    ``config``: the config.json the caller has already read (``from_pretrained``). ``hub_args``:
+    huggingface_hub's ``revision``, ``cache_dir``, ``force_download``, ``local_files_only``, ``token``.
+    The weights' settings are the config's (``config_model_kwargs``), their preprocessing the config's.
     """
     from safetensors.torch import load_file
 
-    kwargs = {k: v for k, v in model_kwargs.items() if k not in DESCRIPTIVE_KEYS}
-    if "block" not in kwargs or "layers" not in kwargs:
-        raise MissingFileError(
-            f"{model_id} has no usable {CONFIG_NAME} (block and layers are missing): it was not written by "
-            "model.save_pretrained or `med3d export`"
-        )
-    folder = Path(model_id)
-    if folder.is_dir():
-        path = folder / WEIGHTS_NAME
-        if not path.is_file():
-            raise MissingFileError(f"{folder} has no {WEIGHTS_NAME}; save one with model.save_pretrained({str(folder)!r})")
-        where = str(path)
-    else:
-        from huggingface_hub import hf_hub_download
-
-        path = Path(hf_hub_download(
-            model_id, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir, force_download=force_download,
-            token=token, local_files_only=local_files_only,
-        ))  # fmt: skip
-        where = f"hf://{model_id}@{revision or 'main'}/{WEIGHTS_NAME}"
-    model = cls(**kwargs)
-    state = load_file(str(path))
-    features_only = getattr(model, "out_indices", None) is not None
-    if features_only:  # a feature extractor has no head: a head in the file is left out
-        state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
-    if strict:
-        check_state_dict(model, state, source=where)
-        model.load_state_dict(state, strict=True)
-    else:
-        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        fitting = {k: v for k, v in state.items() if shapes.get(k) == tuple(v.shape)}
-        model.load_state_dict(fitting, strict=False)
-        kept, ignored = sorted(set(shapes) - set(fitting)), sorted(set(state) - set(fitting))
-        if kept or ignored:
-            log.warning("loaded %s with strict=False: %d tensors of the model kept as initialised (%s), %d tensors of "
-                        "the file ignored (%s)", where, len(kept), ", ".join(kept[:4]), len(ignored), ", ".join(ignored[:4]))
-    model.to(map_location)
-    model.eval()
     from ..data.preprocess import PAPER_PREPROCESS, Preprocess
     from ..files import sha256_file
 
-    preprocess = (config or {}).get("preprocess")
-    conv1 = state.get("conv1.weight")
-    head = None if not any(k.startswith(HEAD_PREFIXES) for k in model.state_dict()) else (
-        "pretrained" if any(k.startswith(HEAD_PREFIXES) for k in state) else "new")
-    arch = architecture_of(model.block, model.layers)
-    prep = Preprocess.from_dict(PAPER_PREPROCESS if preprocess is None else preprocess).to_dict()
+    config = read_saved_config(where, **hub_args) if config is None else config
+    arch, kwargs = config_model_kwargs(config)
+    path, repo_id, revision = _saved_file(where, WEIGHTS_NAME, hub_args)
+    preprocess = config.get("preprocess")
     cfg = PretrainedCfg(
-        name=arch,
-        architecture=arch,
-        hf_hub_id=None if folder.is_dir() else model_id,
-        revision=None if folder.is_dir() else (revision or "main"),
-        filename=WEIGHTS_NAME,
-        sha256=sha256_file(path),
-        size=path.stat().st_size,
-        format="safetensors",
-        preprocess=prep,
-        shortcut=model.shortcut,
-        weights_in_chans=int(conv1.shape[1]) if conv1 is not None else None,
-        in_chans=model.in_chans,
-        file=str(path) if folder.is_dir() else None,
-        head=head,
-    ).to_dict()
-    model.pretrained_cfg = {**model.data_cfg(prep.get("size")), **cfg}
-    return model
+        name=arch, architecture=arch, hf_hub_id=repo_id, revision=revision, filename=WEIGHTS_NAME,
+        sha256=sha256_file(path), size=path.stat().st_size, format="safetensors",
+        preprocess=Preprocess.from_dict(PAPER_PREPROCESS if preprocess is None else preprocess).to_dict(),
+        file=None if repo_id else str(path),
+    )  # fmt: skip
+    source = f"hf://{repo_id}@{revision}/{WEIGHTS_NAME}" if repo_id else str(path)
+    return arch, ResolvedWeights(load_file(str(path)), cfg, source, kwargs)
 
 
 def _plain(value: Any) -> Any:

@@ -1,15 +1,13 @@
-"""Pretrained weights for ``create_model``.
+"""Where the weights of ``create_model(name, pretrained=...)`` are, and reading them: ``resolve_weights``.
 
 The path of ``create_model("resnet50.3dseg8", pretrained=True)``: the manifest names the file, the hub
-fetches and verifies it, the checkpoint code maps it, and it is loaded strictly into a model built
-without a wasted random initialisation. Heads the weights do not have are initialised fresh (and
-logged); ``in_chans != 1`` adapts the first conv (see ``checkpoints.adapt_in_chans``).
+fetches and verifies it, the checkpoint code maps it to zoo key names, and ``loader.load_model``
+builds the model with it (heads, ``in_chans``, strict loading).
 
 ``pretrained`` may be True (the tag's weights, or the depth's default), a local file, or an
 ``hf://org/repo@revision/file`` reference. A ``.pth`` (downloaded or local) is converted once into
 the cache root (``weights/<sha256>.safetensors``, see ``hub.cache_root``); every load checks that the
-converted copy is the one of these source bytes. Weights in another float precision are converted
-to float32; weights holding NaN or infinity are refused. Loader options, meaningful only with weights:
+converted copy is the one of these source bytes. Loader options, meaningful only with weights:
 ``cache_dir`` (huggingface_hub's cache), ``local_files_only`` and ``token``.
 """
 
@@ -21,27 +19,21 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field, replace
-from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from ..errors import MissingFileError, UsageError
+from ..errors import MissingFileError
 from ..files import atomic_write
-from ..networks.heads import SegmentationHead
-from ..networks.resnet import init_weights
 from . import checkpoints, hub
-from .hub_model import build_model
+from .loader import ResolvedWeights
 from .manifest import WeightsEntry, find_entry, load_entries
-from .model_files import check_finite
 from .pretrained_cfg import PretrainedCfg
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LOADER_ARGS", "create_pretrained"]
+__all__ = ["LOADER_ARGS", "resolve_weights"]
 
 LOADER_ARGS = ("cache_dir", "local_files_only", "token")
 
@@ -57,45 +49,15 @@ class _Request:
     local: Path | None = None
 
 
-def create_pretrained(arch: str, tag: str | None, pretrained: Any, **kwargs: Any) -> nn.Module:
-    """Build ``arch`` and load the weights ``pretrained`` names; see the module docstring."""
-    loader = {k: kwargs.pop(k) for k in LOADER_ARGS if k in kwargs}
+def resolve_weights(arch: str, tag: str | None, pretrained: Any, **loader: Any) -> ResolvedWeights:
+    """Find, verify and read the weights ``pretrained`` names for ``arch``; ``loader``: ``LOADER_ARGS``."""
     settings = hub.settings(**loader)
     request = _request(arch, tag, pretrained)
     loaded = _load_state_dict(request, settings)
-    state_dict = _as_float32(loaded.state_dict, request.label)
-    check_finite(state_dict, source=request.label)
     entry = request.entry or _entry_by_sha(arch, loaded.sha256)
-    kwargs = _with_published_kwargs(entry, kwargs)
-
-    shortcut = entry.shortcut if entry else checkpoints.infer_shortcut(state_dict)
-    if kwargs.get("shortcut", shortcut) != shortcut:
-        raise UsageError(
-            f"the weights {entry.name if entry else request.label} were trained with shortcut {shortcut!r}, "
-            f"but shortcut={kwargs['shortcut']!r} was passed; drop the shortcut argument, or use pretrained=False"
-        )
-    kwargs["shortcut"] = shortcut
-
-    model = _build_without_init(arch, kwargs)
-    head = _load_into(model, state_dict, source=request.label)
-    model.pretrained_cfg = _cfg(arch, request, entry, loaded, model, head)
-    return model
-
-
-_HEAD_ARGS = ("num_classes", "seg_classes", "seg_upsample", "features_only")
-
-
-def _with_published_kwargs(entry: WeightsEntry | None, kwargs: dict) -> dict:
-    """The caller's arguments over the ones the weights were published with (``source.model_kwargs``).
-
-    So a published fine-tuned model comes back with its own head and input channels by name alone.
-    Any head argument of the caller (``num_classes=0`` for the encoder, another head,
-    ``features_only``) replaces the published head as a whole.
-    """
-    published = dict((entry.source.get("model_kwargs") or {}) if entry else {})
-    if any(k in kwargs for k in _HEAD_ARGS):
-        published = {k: v for k, v in published.items() if k not in _HEAD_ARGS}
-    return {**published, **kwargs}
+    published = dict((entry.source.get("model_kwargs") or {}) if entry else {})  # a published fine-tune's head
+    label = entry.name if entry is not None and request.entry is not None else request.label
+    return ResolvedWeights(loaded.state_dict, _cfg(arch, request, entry, loaded), label, published)
 
 
 # -- what to load -------------------------------------------------------------------------------------
@@ -258,123 +220,20 @@ def _convert(path: Path, fmt: str, sha256: str, label: str, s: hub.Settings) -> 
     return _Loaded(state_dict, sha256, fmt)
 
 
-def _as_float32(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """Floating-point weights stored in another precision (float16, bfloat16, float64), as the float32 models use."""
-    other = sorted({str(v.dtype).replace("torch.", "") for v in state_dict.values() if v.is_floating_point() and v.dtype != torch.float32})
-    if not other:
-        return state_dict
-    log.info("the weights of %s are stored as %s; converted to float32", source, ", ".join(other))
-    return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
-
-
-# -- building and loading -----------------------------------------------------------------------------
-
-_RANDOM_INITS = {
-    torch.Tensor.normal_,
-    torch.Tensor.uniform_,
-    nn.init.normal_,
-    nn.init.uniform_,
-    nn.init.kaiming_uniform_,
-}
-
-
-class _SkipRandomInitOnMeta(TorchFunctionMode):
-    """Turn random initialisation of meta tensors into a no-op.
-
-    On the meta device the values are never used, but PyTorch still routes ``normal_``/``uniform_``
-    through a path that imports torch._dynamo (about a second, once per process).
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _RANDOM_INITS:
-            tensor = args[0] if args else kwargs.get("tensor")
-            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
-                return tensor
-        return func(*args, **kwargs)
-
-
-def _build_without_init(arch: str, kwargs: dict) -> nn.Module:
-    """The model on the meta device: no memory and no random init for tensors the weights replace."""
-    with torch.device("meta"), _SkipRandomInitOnMeta():
-        return build_model(arch, **kwargs)
-
-
-def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str) -> str | None:
-    """Load the weights strictly into the meta-built model; returns the head's state: "pretrained", "new" or None."""
-    state_dict = dict(state_dict)
-    conv1 = state_dict.get("conv1.weight")
-    if conv1 is not None and conv1.shape[1] != model.in_chans:
-        log.info("adapting conv1 of %s from %d to %d input channels", source, conv1.shape[1], model.in_chans)
-        state_dict["conv1.weight"] = checkpoints.adapt_in_chans(conv1, model.in_chans)
-
-    backbone, head = checkpoints.split_head(state_dict)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    model_head = {k: v for k, v in shapes.items() if k.startswith(checkpoints.HEAD_PREFIXES)}
-    checkpoints.check_backbone(
-        {k: v for k, v in shapes.items() if k not in model_head}, backbone, source=source
-    )
-
-    head_state = None
-    if model_head:
-        fits = set(head) == set(model_head) and all(tuple(head[k].shape) == model_head[k] for k in head)
-        if fits:
-            backbone.update(head)
-            head_state = "pretrained"
-        else:
-            head_state = "new"
-            what = "carry no head" if not head else f"carry another head ({', '.join(sorted(head)[:4])}...)"
-            log.info("the weights of %s %s: the model's head (%s) is freshly initialised", source, what, _head_name(model))
-    elif head:
-        log.info("the model has no head: %d head tensors of %s are not used", len(head), source)
-
-    model.load_state_dict(backbone, strict=False, assign=True)
-    if head_state == "new":
-        _init_new_head(model)
-    left = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
-    if left:
-        raise RuntimeError(f"internal error: these tensors were neither loaded nor initialised: {', '.join(left)}")
-    return head_state
-
-
-def _head_name(model: nn.Module) -> str:
-    if getattr(model, "seg_classes", None) is not None:
-        return f"conv_seg, {model.seg_classes} classes"
-    return f"fc, {model.num_classes} classes"
-
-
-def _init_new_head(model: nn.Module) -> None:
-    """A real, freshly initialised head, exactly as a randomly built model would have it."""
-    if getattr(model, "seg_classes", None) is not None:
-        head = SegmentationHead(model.num_features, model.seg_classes)
-        init_weights(head)
-        model.conv_seg = head
-    if getattr(model, "num_classes", 0) > 0:
-        model.reset_classifier(model.num_classes)
-
-
 # -- provenance -----------------------------------------------------------------------------------------
 
 
-def _cfg(arch: str, request: _Request, entry: WeightsEntry | None, loaded: _Loaded, model: nn.Module, head: str | None) -> dict:
-    """``model.pretrained_cfg``: where the weights came from, what they are, and the preprocessing they expect."""
+def _cfg(arch: str, request: _Request, entry: WeightsEntry | None, loaded: _Loaded) -> PretrainedCfg:
+    """Where the weights came from, what they are, and the preprocessing they expect."""
     if entry is not None:
         cfg = PretrainedCfg.from_entry(entry)
     else:
         from ..data.preprocess import PAPER_PREPROCESS
 
         cfg = PretrainedCfg(name=arch, architecture=arch, sha256=loaded.sha256, format=loaded.format,
-                            preprocess=copy.deepcopy(PAPER_PREPROCESS), shortcut=model.shortcut)
+                            preprocess=copy.deepcopy(PAPER_PREPROCESS))
     if request.ref is not None:
         cfg = replace(cfg, hf_hub_id=request.ref.repo_id, revision=request.ref.revision, filename=request.ref.filename, urls=[])
     if request.local is not None:
-        cfg = replace(cfg, filename=request.local.name, urls=[], size=request.local.stat().st_size)
-    conv1 = loaded.state_dict.get("conv1.weight")
-    cfg = replace(
-        cfg,
-        file=str(request.local) if request.local is not None else None,
-        weights_in_chans=int(conv1.shape[1]) if conv1 is not None else cfg.weights_in_chans,
-        in_chans=model.in_chans,
-        head=head,
-    ).to_dict()
-    return {**model.data_cfg((cfg.get("preprocess") or {}).get("size")), **cfg}
+        cfg = replace(cfg, filename=request.local.name, urls=[], size=request.local.stat().st_size, file=str(request.local))
+    return cfg

@@ -1,7 +1,9 @@
 """`PretrainedCfg`: what a model's weights are, where they came from and the preprocessing they expect.
 
 One dataclass that every way of loading weights fills: a manifest entry (`from_entry`), a local or
-hf:// file (`weights.pretrained`), a folder or repo of `save_pretrained` files (`weights.model_files`).
+hf:// file (`weights.pretrained`), a folder or repo of `save_pretrained` files (`weights.model_files`),
+a fine-tuning run (`weights.finetuned`); the one loader (`weights.loader.load_model`) fills the
+load-time fields (`in_chans`, `weights_in_chans`, `head`).
 Models carry it as a plain dict, `model.pretrained_cfg = cfg.to_dict()`, as timm's models do, so
 `transforms_for(model)` and JSON output read it without importing this module.
 """

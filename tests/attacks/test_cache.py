@@ -150,7 +150,7 @@ def test_the_old_variable_still_works_with_a_warning(monkeypatch, tmp_path, capl
 
     monkeypatch.delenv("MED3D_HUB_CACHE", raising=False)
     monkeypatch.setenv("MED3D_CACHE", str(tmp_path / "old"))
-    monkeypatch.setattr(hub, "_warned_old_env", [])
+    monkeypatch.setattr(hub.environment, "_warned_old_env", [])
     with caplog.at_level(logging.WARNING, logger="med3d_hub"):
         assert default_cache_dir() == tmp_path / "old" / "train"
         assert hub.settings().cache == tmp_path / "old"
