@@ -16,7 +16,7 @@ from .options import (
     UserError, add_inputs, add_model_command, add_progress_option, add_reading_options, check_inputs_exist,
     check_runtime, inputs_of, positive_int, preprocess_overrides, show_progress,
 )
-from .output import PROG, report_skipped, say, warn
+from .output import PROG, failed_inputs_code, report_skipped, say, warn
 
 FEATURES_EPILOG = f"""\
 examples:
@@ -99,11 +99,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     shape = _write_features(args, output, results, model, preprocess)
     say(args, f"  wrote {output}: {shape} float32 from {len(results)} of {len(inputs)} input(s) in {elapsed:.1f} s")
-    if failures:
-        print(f"{PROG}: {len(failures)} of {len(inputs)} input(s) failed and have no row in {output}: "
-              + ", ".join(r.name for r in failures), file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+    return failed_inputs_code(failures, len(inputs), f"have no row in {output}")
 
 
 def _write_features(args: argparse.Namespace, output, results, model, preprocess):

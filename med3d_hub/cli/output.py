@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import EXIT_FAILED, EXIT_OK
+
 PROG = "med3d"
 
 
@@ -31,3 +33,12 @@ def warn(message: str) -> None:
 def report_skipped(error: str) -> None:
     """An input that failed, said as it happens; the others go on."""
     print(f"{PROG}: skipped {one_line(error)}", file=sys.stderr, flush=True)
+
+
+def failed_inputs_code(failures: list, total: int, outcome: str) -> int:
+    """The exit code of a run over inputs: 1 when some failed (named, with ``outcome``: what became of them), else 0."""
+    if not failures:
+        return EXIT_OK
+    print(f"{PROG}: {len(failures)} of {total} input(s) failed and {outcome}: " + ", ".join(r.name for r in failures),
+          file=sys.stderr)
+    return EXIT_FAILED

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from ..errors import EXIT_FAILED, EXIT_OK
 from .options import (
     UserError, add_command, add_inputs, add_progress_option, check_runtime, inputs_of, positive_int, runtime_options,
     show_progress,
 )
-from .output import PROG, report_skipped, say
+from .output import PROG, failed_inputs_code, report_skipped, say
 
 PREDICT_EPILOG = f"""examples:
   {PROG} predict runs/liver-ft ct/*.nii.gz dicom_dir/ -o masks/         one mask per scan (NIfTI, the scan's grid)
@@ -82,9 +80,5 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if predictor.task == "cls" and results:
         write_table(results, output)
         say(args, f"  wrote {output}: {len(results)} row(s)")
-    if failures:
-        print(f"{PROG}: {len(failures)} of {len(inputs)} input(s) failed and were not written: "
-              + ", ".join(r.name for r in failures), file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+    return failed_inputs_code(failures, len(inputs), "were not written")
 
