@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from med3d_hub.cli import app as cli
+from med3d_hub.cli.loading import model_preprocess
 from med3d_hub.inference.feature_scores import features_of_scans
 from med3d_hub.inference.features import save_features
 from med3d_hub.weights.factory import create_model
@@ -105,7 +106,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     name = f"resnet10.{args.pretrained}" if args.pretrained else "resnet10"
     model = create_model(name, pretrained=bool(args.pretrained), num_classes=0)
-    preprocess = cli.model_preprocess(model, "resnet10", {"size": tuple(args.size)})
+    preprocess = model_preprocess(model, "resnet10", {"size": tuple(args.size)})
     seed = None if args.pretrained else args.seed
 
     def features(label: str, volumes: list[np.ndarray]) -> Path:

@@ -267,6 +267,7 @@ def job_features(job: dict) -> dict:
     import torch  # noqa: F401  (what `python -m med3d_hub features` imports before it starts working)
 
     from med3d_hub.cli import app as cli
+    from med3d_hub.cli import features as command
     from med3d_hub.inference import features
 
     import_s = time.perf_counter() - start
@@ -285,20 +286,20 @@ def job_features(job: dict) -> dict:
 
         return wrapper
 
-    forward, load, prepare, load_model = features._forward, features._load, features._prepare, cli.load_model
+    forward, load, prepare, load_model = features._forward, features._load, features._prepare, command.load_model
     results = []
     for i, argv in enumerate([job["warm_argv"], job["argv"]]):
         for key in ("forward", "read_preprocess", "prepare", "load_model", "calls"):
             spent[key] = 0
         features._forward, features._load = timed(forward, "forward"), timed(load, "read_preprocess")
-        features._prepare, cli.load_model = timed(prepare, "prepare"), timed(load_model, "load_model")
+        features._prepare, command.load_model = timed(prepare, "prepare"), timed(load_model, "load_model")
         try:
             exact_peak = reset_peak()
             begin = time.perf_counter()
             code = cli.main(argv)
             total = time.perf_counter() - begin
         finally:
-            features._forward, features._load, features._prepare, cli.load_model = forward, load, prepare, load_model
+            features._forward, features._load, features._prepare, command.load_model = forward, load, prepare, load_model
         if code != 0:
             raise RuntimeError(f"med3d {' '.join(argv)} exited with {code}")
         results.append({"total_s": total, **spent, "peak_bytes": peak_bytes() if exact_peak else None})

@@ -14,6 +14,7 @@ import pytest
 import med3d_hub
 from med3d_hub import errors
 from med3d_hub.cli import app as cli
+from med3d_hub.cli import zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = Path(med3d_hub.__file__).parent
@@ -71,7 +72,7 @@ def test_the_cli_reports_a_user_error_in_one_line_and_a_bug_as_internal(capsys, 
     def broken(args):
         raise ValueError("an index went wrong inside the package")
 
-    monkeypatch.setattr(cli, "cmd_list", broken)
+    monkeypatch.setattr(zoo, "cmd_list", broken)
     assert cli.main(["list"]) == errors.EXIT_INTERNAL
     err = capsys.readouterr().err
     assert "internal error: ValueError: an index went wrong" in err and "--debug" in err

@@ -30,6 +30,7 @@ from scan_files import (  # noqa: E402
 )
 
 from med3d_hub.cli import app as cli  # noqa: E402
+from med3d_hub.cli import options, training  # noqa: E402
 from med3d_hub.data.io import read_volume  # noqa: E402
 from med3d_hub.data.preprocess import Preprocess, transforms_for  # noqa: E402
 from med3d_hub.inference.features import extract_features  # noqa: E402
@@ -235,19 +236,19 @@ def test_help_version_and_usage_errors(capsys, tmp_path, hf_cache, monkeypatch):
         assert "Traceback" not in err
 
 
-@pytest.mark.skipif(not cli._train_available(), reason="the training package is not installed")
+@pytest.mark.skipif(not training.train_available(), reason="the training package is not installed")
 def test_train_is_forwarded(capsys):
     assert cli.main(["train", "--help"]) == 0
     assert "med3d train" in capsys.readouterr().out
 
 
 def test_intensity_and_size_parsing():
-    assert cli.parse_intensity("hu_window:-200,250") == {"method": "hu_window", "min": -200.0, "max": 250.0}
-    assert cli.parse_intensity("percentile_zscore:1,99") == {"method": "percentile_zscore", "lower": 1.0, "upper": 99.0}
-    assert cli.parse_intensity("nonzero-zscore") == {"method": "nonzero_zscore"}
+    assert options.parse_intensity("hu_window:-200,250") == {"method": "hu_window", "min": -200.0, "max": 250.0}
+    assert options.parse_intensity("percentile_zscore:1,99") == {"method": "percentile_zscore", "lower": 1.0, "upper": 99.0}
+    assert options.parse_intensity("nonzero-zscore") == {"method": "nonzero_zscore"}
     parser = cli.build_parser()
     args = parser.parse_args(["features", "a", "-o", "f.npy", "--size", "64", "--spacing", "none", "--no-crop-foreground"])
-    assert cli.preprocess_overrides(args) == {"size": (64, 64, 64), "spacing": None, "crop_foreground": False}
+    assert options.preprocess_overrides(args) == {"size": (64, 64, 64), "spacing": None, "crop_foreground": False}
     assert resolve_pretrained("resnet50", "3dseg8") == ("resnet50.3dseg8", True)
     assert resolve_pretrained("resnet50.3dseg8", None) == ("resnet50.3dseg8", True)
     assert resolve_pretrained("resnet50.3dseg8", "none") == ("resnet50", False)

@@ -3,6 +3,7 @@ random weights, and an unreachable Hub."""
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -16,6 +17,7 @@ from hub_server import HubServer  # noqa: E402
 from scan_files import manifest_entry, med3d_env, medicalnet_pth, run_med3d, write_inv3, write_manifest  # noqa: E402
 
 from med3d_hub.cli import app as cli  # noqa: E402
+from med3d_hub.errors import EXIT_UNREACHABLE, EXIT_USAGE  # noqa: E402
 from med3d_hub.data.io import VolumeReadError  # noqa: E402
 from med3d_hub.inference import demo  # noqa: E402
 
@@ -146,7 +148,7 @@ def test_demo_without_a_hub_names_the_ways_out(tmp_path):
     start = time.monotonic()
     run = run_med3d("demo", "--out-dir", tmp_path / "o", env=med3d_env(tmp_path), timeout=120)
     elapsed = time.monotonic() - start
-    assert run.returncode == cli.EXIT_UNREACHABLE, run.stderr
+    assert run.returncode == EXIT_UNREACHABLE, run.stderr
     assert elapsed < 45, f"took {elapsed:.0f} s"
     err = run.stderr
     assert "Traceback" not in err
@@ -154,3 +156,28 @@ def test_demo_without_a_hub_names_the_ways_out(tmp_path):
     for way_out in ("HF_ENDPOINT=", "--pretrained /path/to/resnet_10.pth", "HF_HUB_OFFLINE=1", "med3d download", "--pretrained none"):
         assert way_out in err, way_out
     assert not (tmp_path / "o" / "mni152_resnet10.png").exists()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_scan_with_nan_or_infinite_voxels_is_a_user_error(tmp_path, capsys, bad):
+    """Such a scan is the user's to fix: one line, exit code 2, nothing written; not an internal error."""
+    scan = head_phantom().astype(np.float32)
+    scan[3, 4, 5] = bad
+    np.save(tmp_path / "bad.npy", scan)
+    out = tmp_path / "o"
+    code = cli.main(["demo", "-p", "none", "--scan", str(tmp_path / "bad.npy"), *SIZE, "--out-dir", str(out), "-q"])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE, err
+    assert "med3d: error: " in err and "1 of 28,800 voxels are NaN or infinite" in err and str(tmp_path / "bad.npy") in err
+    assert "internal error" not in err and "Traceback" not in err
+    assert not list(out.glob("*.png")) and not (out / "embeddings.npz").exists()
+
+
+def test_the_demo_without_matplotlib_says_what_to_install(tmp_path, capsys, monkeypatch):
+    np.save(tmp_path / "head.npy", head_phantom())
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    code = cli.main(["demo", "-p", "none", "--scan", str(tmp_path / "head.npy"), *SIZE, "--out-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE, err
+    assert "matplotlib: pip install 'med3d-hub[demo]'" in err and "internal error" not in err
+    assert not list((tmp_path / "o").glob("*.png"))

@@ -16,6 +16,7 @@ pytest.importorskip("pydicom")
 from scan_files import mni_template, write_dicom_series, write_nifti  # noqa: E402
 
 from med3d_hub.cli import app as cli  # noqa: E402
+from med3d_hub.cli.loading import model_preprocess  # noqa: E402
 from med3d_hub.inference.feature_scores import features_of_scans, parameters_sha256  # noqa: E402
 from med3d_hub.inference import metrics  # noqa: E402
 from med3d_hub.inference.features import load_features, save_features  # noqa: E402
@@ -77,7 +78,7 @@ def test_fid_from_scans_is_reproducible_and_records_its_provenance(scans, capsys
 
 def test_saved_features_give_the_same_score_as_scans(scans, capsys, tmp_path):
     model = seeded_model(0)
-    preprocess = cli.model_preprocess(model, "resnet10", {"size": (24, 24, 24)})
+    preprocess = model_preprocess(model, "resnet10", {"size": (24, 24, 24)})
     real = features_of_scans(model, sorted(str(p) for p in (scans / "real").iterdir()), preprocess, source="real", seed=0)
     noisy = features_of_scans(model, sorted(str(p) for p in (scans / "noisy").iterdir()), preprocess, source="noisy", seed=0)
     save_features(tmp_path / "real.npz", real.features, real.names, real.provenance)

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 import med3d_hub  # noqa: E402
 from med3d_hub.cli import app as cli  # noqa: E402
+from med3d_hub.errors import EXIT_PUBLISH_FAILED, EXIT_UNREACHABLE, EXIT_USAGE  # noqa: E402
 from med3d_hub.publishing import publish as publish_module  # noqa: E402
 from med3d_hub.publishing.export import export  # noqa: E402
 from med3d_hub.publishing.run import RunError, read_run  # noqa: E402
@@ -231,12 +232,12 @@ def test_an_existing_tag_is_refused_before_anything_is_sent_and_force_replaces_i
                             medicalnet_entry("resnet10", "taken", data))
     before = target.read_bytes()
     args = ["publish", str(run_dir), "--repo-id", REPO, "--tag", "taken", "--manifest", str(target), "--license", "mit"]
-    assert cli.main(args) == cli.EXIT_USAGE
+    assert cli.main(args) == EXIT_USAGE
     assert "already has resnet10.taken" in capsys.readouterr().err
     assert target.read_bytes() == before and env.requests == []
 
     assert cli.main(["publish", str(run_dir), "--repo-id", REPO, "--tag", "3dseg8", "--manifest", str(target),
-                     "--license", "mit"]) == cli.EXIT_USAGE  # a shipped release's name
+                     "--license", "mit"]) == EXIT_USAGE  # a shipped release's name
     assert "package's own manifest" in capsys.readouterr().err
     assert target.read_bytes() == before and env.requests == []
 
@@ -264,7 +265,7 @@ def test_nan_weights_and_loose_checkpoints_are_refused(run_dir, env, tmp_path, c
         save_file(state, str(bad / "encoder.safetensors"))
         code = cli.main(["publish", str(bad), "--repo-id", REPO, "--tag", case, "--manifest", str(target), "--license", "mit"])
         err = capsys.readouterr().err
-        assert code == cli.EXIT_USAGE, err
+        assert code == EXIT_USAGE, err
         assert ("NaN or infinite" in err) == (case in ("nan", "inf")), err
         assert ("do not fit" in err or "differs from the model's" in err) == (case in ("missing", "extra")), err
     assert not target.exists() and env.requests == []
@@ -280,7 +281,7 @@ def test_an_unreachable_hub_fails_fast_and_leaves_the_manifest_alone(run_dir, hf
     start = time.perf_counter()
     code = cli.main(["publish", str(run_dir), "--repo-id", REPO, "--tag", "new", "--manifest", str(target), "--license", "mit"])
     err = capsys.readouterr().err
-    assert code == cli.EXIT_UNREACHABLE and time.perf_counter() - start < 30
+    assert code == EXIT_UNREACHABLE and time.perf_counter() - start < 30
     assert "could not reach the Hub" in err and "nothing was uploaded" in err and len(err.strip().splitlines()) == 1
     assert target.read_bytes() == before
     assert [p.name for p in target.parent.iterdir()] == ["weights.json"]  # no temporary manifest left behind
@@ -290,7 +291,7 @@ def test_an_unreachable_hub_fails_fast_and_leaves_the_manifest_alone(run_dir, hf
         monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
         start = time.perf_counter()
         code = cli.main(["publish", str(run_dir), "--repo-id", REPO, "--tag", "new", "--manifest", str(target), "--license", "mit"])
-        assert code == cli.EXIT_UNREACHABLE and time.perf_counter() - start < 20 and silent.accepted >= 1
+        assert code == EXIT_UNREACHABLE and time.perf_counter() - start < 20 and silent.accepted >= 1
     assert "timeout 1 s" in capsys.readouterr().err and target.read_bytes() == before
 
 
@@ -306,7 +307,7 @@ def test_a_failed_round_trip_is_reported_and_keeps_no_entry(run_dir, env, tmp_pa
     monkeypatch.setattr(publish_module, "_check_remote_sha", then_tamper)
     code = cli.main(["publish", str(run_dir), "--repo-id", REPO, "--tag", "broken", "--manifest", str(target), "--license", "mit"])
     err = capsys.readouterr().err
-    assert code == cli.EXIT_PUBLISH_FAILED, err
+    assert code == EXIT_PUBLISH_FAILED, err
     assert "round trip" in err and "sha256 mismatch" in err and env.commits(REPO)[0] in err
     assert "the manifest was not changed" in err and not target.exists()
 
@@ -319,7 +320,7 @@ def test_the_token_is_never_printed_or_written(run_dir, hf_cache, monkeypatch, t
         monkeypatch.setenv("HF_TOKEN", "hf_wrong_token_9f3a")
         args = ["publish", str(run_dir), "--repo-id", "me/private-r10", "--tag", "tok", "--manifest", str(target),
                 "--license", "mit", "--private"]
-        assert cli.main(args) == cli.EXIT_USAGE  # refused access, before anything is sent
+        assert cli.main(args) == EXIT_USAGE  # refused access, before anything is sent
         first = capsys.readouterr()
         assert "HTTP 401" in first.err and "hf_wrong_token_9f3a" not in first.out + first.err
 
@@ -379,7 +380,7 @@ def test_an_upload_through_xet_to_a_server_without_it_is_explained(run_dir, tmp_
          "--manifest", str(target), "--license", "mit"],
         env=env, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
-    assert done.returncode == cli.EXIT_PUBLISH_FAILED, done.stderr[-2000:]
+    assert done.returncode == EXIT_PUBLISH_FAILED, done.stderr[-2000:]
     assert "HF_HUB_DISABLE_XET=1" in done.stderr and "Nothing was committed" in done.stderr
     assert not target.exists()
 

@@ -36,7 +36,7 @@ from ..data.io import Volume, VolumeReadError, read_volume
 from ..data.preprocess import Preprocess, transforms_for
 from ..errors import MissingFileError, UsageError
 from ..files import atomic_write
-from .features import describe_preprocess, iter_features, save_features
+from .features import FeatureExtractionError, describe_preprocess, iter_features, save_features
 
 __all__ = ["CRANIUM_INV3", "DEFAULT_SCANS", "DemoResult", "load_scan", "read_inv3", "run_demo", "save_picture"]
 
@@ -216,7 +216,18 @@ def run_demo(
     return results
 
 
+def _check_finite(scan: DemoScan) -> None:
+    """NaN or infinite voxels are refused before preprocessing could clip or spread them into numbers."""
+    array = scan.volume.array
+    if np.issubdtype(array.dtype, np.inexact):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise UsageError(f"{scan.title}: {bad:,} of {array.size:,} voxels are NaN or infinite; the demo needs a "
+                             "finite scan (`med3d features --nan-policy zero` sets such voxels to 0)")
+
+
 def _run_one(model, scan, preprocess, out_dir, model_name, weights, random_weights, device, amp, force_amp, echo) -> DemoResult:
+    _check_finite(scan)
     start = time.perf_counter()
     x = preprocess(scan.volume)[0].numpy()  # (D, H, W)
     echo(f"  preprocessed  1 x 1 x {_x(x.shape)} network input, mean {x.mean():.2f}, std {x.std():.2f} "
@@ -224,8 +235,8 @@ def _run_one(model, scan, preprocess, out_dir, model_name, weights, random_weigh
     start = time.perf_counter()
     (result,) = list(iter_features(model, [x], preprocess=_identity, maps="layer4", device=device,
                                    amp=amp, force_amp=force_amp))
-    if not result.ok:
-        raise RuntimeError(result.error)
+    if not result.ok:  # the scan, not the package: the error names what was wrong with it
+        raise FeatureExtractionError([(scan.title, result.error)], 1)
     forward = time.perf_counter() - start
     fmap = torch.from_numpy(result.features)  # (C, d, h, w)
     embedding = fmap.mean(dim=(1, 2, 3)).numpy()  # the global average pool of forward_head
@@ -275,8 +286,10 @@ def save_picture(
     Orientation: axial seen from above with anterior up, coronal and sagittal with superior up;
     the patient's left is on the left of the image (neurological convention).
     """
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("the demo's pictures are drawn with matplotlib: pip install 'med3d-hub[demo]'") from None
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 

@@ -183,6 +183,53 @@ def _check_choice(name: str, value, allowed) -> None:
         raise UsageError(f"{name}={value!r} is not supported; expected one of {sorted(allowed)}")
 
 
+def _check_arguments(block, layers, shortcut, in_chans, num_classes, seg_classes, drop_path_rate) -> int:
+    """Refuse a network that cannot be built, naming the argument; returns the classifier's class count.
+
+    A segmentation head replaces the classifier (0 classes); without either, DEFAULT_NUM_CLASSES.
+    """
+    _check_choice("block", block, BLOCKS)
+    _check_choice("shortcut", shortcut, {"A", "B"})
+    if not isinstance(in_chans, int) or in_chans < 1:
+        raise UsageError(f"in_chans must be an integer >= 1 (input channels), got {in_chans!r}")
+    if seg_classes is not None:
+        if not isinstance(seg_classes, int) or seg_classes < 1:
+            raise UsageError(f"seg_classes must be an integer >= 1, got {seg_classes!r}")
+        if num_classes:
+            raise UsageError("give either num_classes (classification) or seg_classes (segmentation), not both")
+        num_classes = 0
+    elif num_classes is None:
+        num_classes = DEFAULT_NUM_CLASSES
+    if not isinstance(num_classes, int) or num_classes < 0:
+        raise UsageError(f"num_classes must be an integer >= 0 (0 = no head), got {num_classes!r}")
+    if len(layers) != 4 or any(n < 1 for n in layers):
+        raise UsageError(f"layers must list 4 positive block counts, got {tuple(layers)!r}")
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise UsageError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+    return num_classes
+
+
+def _make_stage(block_cls, in_planes: int, planes: int, stride: int, dilation: int, shortcut: str,
+                drop_rates: Sequence[float]) -> tuple[nn.Sequential, int]:
+    """One stage: its first block changes stride and width (through the shortcut), the others keep them."""
+    out_planes = planes * block_cls.expansion
+    downsample = None
+    if stride != 1 or in_planes != out_planes:
+        downsample = make_shortcut(shortcut, in_planes, out_planes, stride)
+    blocks = [
+        block_cls(
+            in_planes if i == 0 else out_planes,
+            planes,
+            stride=stride if i == 0 else 1,
+            dilation=dilation,
+            downsample=downsample if i == 0 else None,
+            drop_path=_drop_path_module(rate),
+        )
+        for i, rate in enumerate(drop_rates)
+    ]
+    return nn.Sequential(*blocks), out_planes
+
+
 class Med3DResNet(nn.Module):
     """A Med3D 3D ResNet with an optional classification or segmentation head.
 
@@ -214,67 +261,17 @@ class Med3DResNet(nn.Module):
         drop_path_rate: float = 0.0,
     ):
         super().__init__()
-        _check_choice("block", block, BLOCKS)
-        _check_choice("shortcut", shortcut, {"A", "B"})
-        if not isinstance(in_chans, int) or in_chans < 1:
-            raise UsageError(f"in_chans must be an integer >= 1 (input channels), got {in_chans!r}")
-        if seg_classes is not None:
-            if not isinstance(seg_classes, int) or seg_classes < 1:
-                raise UsageError(f"seg_classes must be an integer >= 1, got {seg_classes!r}")
-            if num_classes:
-                raise UsageError("give either num_classes (classification) or seg_classes (segmentation), not both")
-            num_classes = 0
-        elif num_classes is None:
-            num_classes = DEFAULT_NUM_CLASSES
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise UsageError(f"num_classes must be an integer >= 0 (0 = no head), got {num_classes!r}")
-        if len(layers) != 4 or any(n < 1 for n in layers):
-            raise UsageError(f"layers must list 4 positive block counts, got {tuple(layers)!r}")
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise UsageError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
-
-        block_cls = BLOCKS[block]
+        num_classes = _check_arguments(block, layers, shortcut, in_chans, num_classes, seg_classes, drop_path_rate)
         self.block = block
         self.layers = tuple(layers)
         self.shortcut = shortcut
         self.in_chans = in_chans
         self.dilated = dilated
         self.grad_checkpointing = False
-
-        self.conv1 = nn.Conv3d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm3d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool3d(kernel_size=3, stride=2, padding=1)
-
-        layout = DILATED_LAYOUT if dilated else STRIDED_LAYOUT
-        total_blocks = sum(layers)
-        drop_rates = [drop_path_rate * i / max(total_blocks - 1, 1) for i in range(total_blocks)]
-        in_planes, reduction, block_index = 64, 4, 0
-        self.feature_info = FeatureInfo([{"num_chs": 64, "reduction": 2, "module": "relu"}])
-        for stage, (planes, blocks, (stride, dilation)) in enumerate(zip(STAGE_PLANES, layers, layout), 1):
-            out_planes = planes * block_cls.expansion
-            downsample = None
-            if stride != 1 or in_planes != out_planes:
-                downsample = make_shortcut(shortcut, in_planes, out_planes, stride)
-            stage_blocks = []
-            for i in range(blocks):
-                stage_blocks.append(
-                    block_cls(
-                        in_planes if i == 0 else out_planes,
-                        planes,
-                        stride=stride if i == 0 else 1,
-                        dilation=dilation,
-                        downsample=downsample if i == 0 else None,
-                        drop_path=_drop_path_module(drop_rates[block_index]),
-                    )
-                )
-                block_index += 1
-            setattr(self, f"layer{stage}", nn.Sequential(*stage_blocks))
-            in_planes = out_planes
-            reduction *= stride
-            self.feature_info.append({"num_chs": out_planes, "reduction": reduction, "module": f"layer{stage}"})
-
-        self.num_features = in_planes
+        # Modules are made in MedicalNet's order (stem, stages, heads): the parameter names, and the
+        # random numbers each one draws, come out the same as upstream's.
+        self._make_stem(in_chans)
+        self.num_features = self._make_stages(BLOCKS[block], self.layers, drop_path_rate)
         self.seg_upsample = seg_upsample
         self.seg_classes = seg_classes
         if seg_classes is not None:
@@ -287,6 +284,29 @@ class Med3DResNet(nn.Module):
         self.pretrained_cfg = self.data_cfg()  # random weights; loaders replace it with the weights' provenance
 
     # -- construction -------------------------------------------------------------------------
+    def _make_stem(self, in_chans: int) -> None:
+        """The 7x7x7 stride-2 convolution and the max pool: output stride 4 before layer1."""
+        self.conv1 = nn.Conv3d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm3d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool3d(kernel_size=3, stride=2, padding=1)
+
+    def _make_stages(self, block_cls: type[nn.Module], layers: tuple[int, ...], drop_path_rate: float) -> int:
+        """layer1..layer4 in the dilated (or strided) layout, and ``feature_info``; returns the output channels."""
+        layout = DILATED_LAYOUT if self.dilated else STRIDED_LAYOUT
+        total_blocks = sum(layers)
+        drop_rates = [drop_path_rate * i / max(total_blocks - 1, 1) for i in range(total_blocks)]
+        in_planes, reduction, first_block = 64, 4, 0
+        self.feature_info = FeatureInfo([{"num_chs": 64, "reduction": 2, "module": "relu"}])
+        for stage, (planes, blocks, (stride, dilation)) in enumerate(zip(STAGE_PLANES, layers, layout), 1):
+            stage_rates = drop_rates[first_block:first_block + blocks]
+            layer, in_planes = _make_stage(block_cls, in_planes, planes, stride, dilation, self.shortcut, stage_rates)
+            setattr(self, f"layer{stage}", layer)
+            first_block += blocks
+            reduction *= stride
+            self.feature_info.append({"num_chs": in_planes, "reduction": reduction, "module": f"layer{stage}"})
+        return in_planes
+
     def _set_classifier(self, num_classes: int) -> None:
         """Classifier keys are `fc.weight`/`fc.bias`; with no classes there is no `fc` at all."""
         if "fc" in self._modules:

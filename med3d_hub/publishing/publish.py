@@ -182,28 +182,13 @@ def publish(
         # 1. The entry must be acceptable before anything is uploaded.
         _check_not_shipped(run.architecture, tag, force)
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="med3d-publish-")))
-        exported = export(run, scratch / "export", license=license, medicalnet_pth=medicalnet_pth, repo_id=repo_id,
-                          tag=tag, description=description)
-        provisional = manifest_entry(run, exported, repo_id=repo_id, tag=tag, revision="main", default=default)
-        try:
-            manifest_with_entry(manifest, provisional, replace=force)
-        except EntryExistsError as error:
-            raise EntryExistsError(f"{error}; pass force=True (med3d publish --force) to replace it") from None
+        exported = _export_checked(run, scratch, manifest, repo_id=repo_id, tag=tag, force=force, default=default,
+                                   license=license, medicalnet_pth=medicalnet_pth, description=description)
         echo(f"  exported {len(exported.files)} files ({exported.size / 1e6:.1f} MB of weights, sha256 {exported.sha256[:12]})")
 
         # 3-4. Reach the Hub, upload in one commit, compare the Hub's sha256 with ours.
-        api = _api(s)
-        info = _reach(api, repo_id, s, manifest, secret)
-        if info is not None and private and not getattr(info, "private", False):
-            raise PublishRefused(
-                f"{repo_id} exists and is public; --private does not change an existing repo's visibility. "
-                "Publish to a new repo, or make this one private on the Hub first. Nothing was uploaded."
-            )
-        echo(f"  uploading to {repo_id} on {s.endpoint} ({'private' if private or getattr(info, 'private', False) else 'public'} repo, one commit)")
-        commit, commit_url = _upload(api, repo_id, exported, private, revision_message or f"Publish {name} with med3d-hub",
-                                     manifest, secret, exists=info is not None)
-        echo(f"  commit {commit}")
-        _check_remote_sha(api, repo_id, commit, exported, manifest, secret)
+        commit, commit_url = _upload_checked(exported, s, manifest, secret, repo_id=repo_id, private=private,
+                                             message=revision_message or f"Publish {name} with med3d-hub", echo=echo)
 
         # 5. The round trip, against the candidate manifest.
         entry = manifest_entry(run, exported, repo_id=repo_id, tag=tag, revision=commit, default=default)
@@ -221,6 +206,36 @@ def publish(
 
 
 # -- steps ---------------------------------------------------------------------------------------------
+
+
+def _export_checked(run: Run, scratch: Path, manifest: Path, *, repo_id: str, tag: str, force: bool, default: bool,
+                    license: str | None, medicalnet_pth: bool, description: str | None) -> Exported:
+    """Export the run into ``scratch`` and check that its entry would fit the manifest, before any upload."""
+    exported = export(run, scratch / "export", license=license, medicalnet_pth=medicalnet_pth, repo_id=repo_id,
+                      tag=tag, description=description)
+    provisional = manifest_entry(run, exported, repo_id=repo_id, tag=tag, revision="main", default=default)
+    try:
+        manifest_with_entry(manifest, provisional, replace=force)
+    except EntryExistsError as error:
+        raise EntryExistsError(f"{error}; pass force=True (med3d publish --force) to replace it") from None
+    return exported
+
+
+def _upload_checked(exported: Exported, s: hub.Settings, manifest: Path, secret: str | None, *, repo_id: str,
+                    private: bool, message: str, echo: Callable[[str], None]) -> tuple[str, str]:
+    """Reach the Hub, upload every file in one commit, compare the Hub's sha256 with ours; the commit and its URL."""
+    api = _api(s)
+    info = _reach(api, repo_id, s, manifest, secret)
+    if info is not None and private and not getattr(info, "private", False):
+        raise PublishRefused(
+            f"{repo_id} exists and is public; --private does not change an existing repo's visibility. "
+            "Publish to a new repo, or make this one private on the Hub first. Nothing was uploaded."
+        )
+    echo(f"  uploading to {repo_id} on {s.endpoint} ({'private' if private or getattr(info, 'private', False) else 'public'} repo, one commit)")
+    commit, commit_url = _upload(api, repo_id, exported, private, message, manifest, secret, exists=info is not None)
+    echo(f"  commit {commit}")
+    _check_remote_sha(api, repo_id, commit, exported, manifest, secret)
+    return commit, commit_url
 
 
 def _check_not_shipped(model: str, tag: str, force: bool) -> None:

@@ -15,6 +15,7 @@ from scan_files import med3d_env, run_med3d, write_broken
 
 import med3d_hub
 from med3d_hub.cli import app as cli
+from med3d_hub.cli import features as features_command
 from med3d_hub.data.io import VolumeReadError, read_volume
 from med3d_hub.inference.features import FeatureExtractionError, check_output, extract_features
 
@@ -52,7 +53,7 @@ def test_an_output_that_is_an_input_is_refused_before_any_work(tmp_path, monkeyp
         os.link(path, output)
     elif how == "relative":
         (tmp_path / "sub").mkdir()
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    monkeypatch.setattr(features_command, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
     assert cli.main(["features", str(path), "-o", str(output), "--pretrained", "none"]) == 2
     err = capsys.readouterr().err
     assert "is the input" in err and str(path) in err
@@ -68,7 +69,7 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, monkey
         folder = "/sys"
         if os.access(folder, os.W_OK) and os.geteuid() != 0:
             pytest.skip("no unwritable folder on this machine")
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    monkeypatch.setattr(features_command, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
     code = cli.main(["features", str(path), "-o", f"{folder}/features.npy", "--pretrained", "none"])
     assert code == 2
     assert "not writable" in capsys.readouterr().err

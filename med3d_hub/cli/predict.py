@@ -1,0 +1,84 @@
+"""`med3d predict`: a fine-tuned or published model applied to new scans (the work is in ``inference/predict.py``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .options import (
+    UserError, add_command, add_inputs, add_progress_option, check_runtime, inputs_of, positive_int, runtime_options,
+    show_progress,
+)
+from .output import PROG, failed_inputs_code, report_skipped, say
+
+PREDICT_EPILOG = f"""examples:
+  {PROG} predict runs/liver-ft ct/*.nii.gz dicom_dir/ -o masks/         one mask per scan (NIfTI, the scan's grid)
+  {PROG} predict resnet10.lits-ft ct/*.nii.gz -o masks/ --probabilities  weights published with their head
+  {PROG} predict runs/nodule-cls scans/*.nii.gz -o predictions.csv      class probabilities, one row per scan
+  {PROG} predict weights.safetensors --model resnet10 scan.nii.gz -o masks/
+
+A segmentation writes SCAN.nii.gz (uint8 labels, the input's shape and affine), SCAN.json (the label
+names) and, with --probabilities, SCAN_probabilities.npz (float16 maps). Exit code 1: some inputs failed
+(the others were written); 2: a usage error."""
+
+
+def add_predict_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = add_command(sub, "predict", common, runtime_options(),
+                    help="apply a fine-tuned or published model: masks in each scan's grid, or class probabilities",
+                    description="Apply a fine-tuned model (a finetune run folder, an export folder, name.tag, or a "
+                                "weights file with --model) to new scans, with the preprocessing stored with the "
+                                "weights. Segmentation: sliding windows over the whole scan, the mask written on "
+                                "the scan's own grid. Classification: one row of class probabilities per scan.",
+                    epilog=PREDICT_EPILOG)
+    p.add_argument("source", help="a finetune run folder, a model folder, name.tag, or a weights file (with --model)")
+    add_inputs(p)
+    p.add_argument("--output", "-o", required=True,
+                   help="segmentation: a folder for the masks; classification: a .csv or .parquet file")
+    p.add_argument("--model", "-m", help="the architecture of a weights file, e.g. resnet10")
+    p.add_argument("--batch-size", "-b", type=positive_int, default=1,
+                   help="windows per forward (segmentation) or scans per forward (classification); default 1")
+    p.add_argument("--overlap", type=float, default=0.25, help="overlap of the sliding windows, in [0, 1) (default 0.25)")
+    p.add_argument("--window", nargs=3, type=positive_int, metavar=("D", "H", "W"),
+                   help="sliding window size (default: the training crop)")
+    p.add_argument("--probabilities", action="store_true", help="also write float16 per-class maps (segmentation)")
+    p.add_argument("--no-fast", action="store_true", help="run the plain model instead of the BatchNorm-folded copy")
+    add_progress_option(p)
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ..inference.predict import check_table_output, iter_predictions, load_predictor, mask_path, write_mask, write_table
+
+    inputs = inputs_of(args)
+    check_runtime(args)
+    predictor = load_predictor(args.source, model=args.model, window=args.window)
+    output = Path(args.output)
+    if predictor.task == "cls":
+        check_table_output(output)
+    else:
+        if not output.is_dir():
+            raise UserError(f"--output {output}: a segmentation writes one mask per scan into a folder; create it first")
+        kinds = ["array" if i.lower().endswith(".npy") else "nifti" for i in inputs]
+        names = [mask_path(i, output, k) for i, k in zip(inputs, kinds)]
+        twice = sorted({str(n) for n in names if names.count(n) > 1})
+        if twice:
+            raise UserError(f"several inputs would write the same mask ({', '.join(twice)}); rename or predict them apart")
+    say(args, f"{PROG} predict: {len(inputs)} input(s), {args.source}: {predictor.describe()}")
+    results, failures = [], []
+    for result in iter_predictions(predictor, inputs, batch_size=args.batch_size, overlap=args.overlap,
+                                   probabilities=args.probabilities, device=args.device, amp=args.amp,
+                                   force_amp=args.force_amp, fast=not args.no_fast, progress=show_progress(args)):
+        if not result.ok:
+            failures.append(result)
+            report_skipped(result.error)
+        elif predictor.task == "seg":
+            written = write_mask(result, mask_path(result.name, output, result.kind), probabilities=args.probabilities,
+                                 source=str(args.source))
+            say(args, f"  wrote {written[0]}")
+        else:
+            results.append(result)
+    if predictor.task == "cls" and results:
+        write_table(results, output)
+        say(args, f"  wrote {output}: {len(results)} row(s)")
+    return failed_inputs_code(failures, len(inputs), "were not written")
+
