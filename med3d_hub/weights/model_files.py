@@ -11,7 +11,7 @@ One layout serves ``model.save_pretrained`` / ``Med3DResNet.from_pretrained`` (h
   drop_path_rate; ``out_indices`` for feature extractors), which is what the mixin's
   ``from_pretrained`` passes to the class, and descriptive keys for people and other tools
   (``DESCRIPTIVE_KEYS``: architecture, depth, strides, dilation, output_stride, num_features,
-  preprocess, format).
+  preprocess, format, and ``class_names``, the head's classes in index order when they are named).
 
 Loading is strict by default: every key of the model must be in the file with its shape, and the
 file may hold nothing else. Errors name the keys and, for heads, the argument that fixes them.
@@ -24,7 +24,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -61,6 +61,7 @@ CONFIG_FORMAT = "med3d_hub.resnet.v1"
 MODEL_ARGS = ("block", "layers", *registry.MODEL_ARGS)  # config.json keys that rebuild the network
 DESCRIPTIVE_KEYS = (
     "format", "architecture", "depth", "strides", "dilation", "output_stride", "num_features", "preprocess",
+    "class_names",
 )  # fmt: skip
 _SHOWN = 8
 
@@ -72,10 +73,11 @@ class NonFiniteWeightsError(Med3DError, ValueError):
 # -- config.json --------------------------------------------------------------------------------------
 
 
-def model_config(model: nn.Module, preprocess: Mapping | None = None) -> dict:
+def model_config(model: nn.Module, preprocess: Mapping | None = None, class_names: Sequence[str] | None = None) -> dict:
     """config.json of a zoo model, from the model as it is now (a head swapped later is recorded).
 
-    ``preprocess`` defaults to the one of the model's ``pretrained_cfg``, when it has one.
+    ``preprocess`` and ``class_names`` default to those of the model's ``pretrained_cfg``, when it
+    has them; names are kept only for a head with that many classes.
     """
     from ..networks.resnet import Med3DResNet, Med3DResNetFeatures
 
@@ -83,9 +85,13 @@ def model_config(model: nn.Module, preprocess: Mapping | None = None) -> dict:
         raise TypeError(f"expected a Med3D ResNet (med3d_hub.create_model), got {type(model).__name__}")
     arch = architecture_of(model.block, model.layers)
     layout = DILATED_LAYOUT if model.dilated else STRIDED_LAYOUT
+    cfg = getattr(model, "pretrained_cfg", None)
+    cfg = cfg if isinstance(cfg, Mapping) else {}
     if preprocess is None:
-        cfg = getattr(model, "pretrained_cfg", None)
-        preprocess = cfg.get("preprocess") if isinstance(cfg, Mapping) else None
+        preprocess = cfg.get("preprocess")
+    if class_names is None:
+        class_names = cfg.get("class_names")
+    classes = model.seg_classes or model.num_classes
     config: dict[str, Any] = {
         "format": CONFIG_FORMAT,
         "architecture": arch,
@@ -105,6 +111,7 @@ def model_config(model: nn.Module, preprocess: Mapping | None = None) -> dict:
         "drop_rate": model.drop_rate,
         "drop_path_rate": model.drop_path_rate,
         "preprocess": _plain(preprocess) if preprocess is not None else None,
+        "class_names": [str(n) for n in class_names] if class_names and len(class_names) == classes else None,
     }
     if isinstance(model, Med3DResNetFeatures):
         config["out_indices"] = list(model.out_indices)
@@ -216,7 +223,8 @@ def _head_of(state_dict: Mapping[str, torch.Tensor]) -> str:
     return "no head"
 
 
-def write_model_files(folder: str | os.PathLike, model: nn.Module, *, preprocess: Mapping | None = None) -> tuple[Path, Path]:
+def write_model_files(folder: str | os.PathLike, model: nn.Module, *, preprocess: Mapping | None = None,
+                      class_names: Sequence[str] | None = None) -> tuple[Path, Path]:
     """Write ``model.safetensors`` and ``config.json`` of ``model`` into ``folder``; returns both paths.
 
     The same weights always give the same bytes (so the same sha256): the safetensors header holds
@@ -227,7 +235,7 @@ def write_model_files(folder: str | os.PathLike, model: nn.Module, *, preprocess
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = model_config(model, preprocess)
+    config = model_config(model, preprocess, class_names)
     weights, config_path = folder / WEIGHTS_NAME, folder / CONFIG_NAME
     weights.write_bytes(save(file_state_dict(model.state_dict()), metadata={"format": "pt"}))
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -317,6 +325,7 @@ def load_pretrained(
         in_chans=model.in_chans,
         file=str(path) if folder.is_dir() else None,
         head=head,
+        class_names=(config or {}).get("class_names") if head == "pretrained" else None,
     ).to_dict()
     model.pretrained_cfg = {**model.data_cfg(prep.get("size")), **cfg}
     return model

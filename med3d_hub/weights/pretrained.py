@@ -376,5 +376,6 @@ def _cfg(arch: str, request: _Request, entry: WeightsEntry | None, loaded: _Load
         weights_in_chans=int(conv1.shape[1]) if conv1 is not None else cfg.weights_in_chans,
         in_chans=model.in_chans,
         head=head,
+        class_names=cfg.class_names if head == "pretrained" else None,  # a new head's classes have no names
     ).to_dict()
     return {**model.data_cfg((cfg.get("preprocess") or {}).get("size")), **cfg}
