@@ -1,6 +1,6 @@
 """med3d predict end to end: fine-tune on synthetic data, predict on held-out scans in their own geometry.
 
-The segmentation run is tiny (resnet10 from scratch, 16^3 crops, a few dozen steps, one thread) but
+The segmentation run is small (resnet10 from scratch, 16^3 crops, 300 steps, one thread) but
 real: the held-out scan is larger than the crop, stored in another voxel order with a non-identity
 affine, and its mask must come back on that grid with Dice > 0.8 against its label.
 """
