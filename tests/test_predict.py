@@ -1,6 +1,6 @@
 """med3d predict end to end: fine-tune on synthetic data, predict on held-out scans in their own geometry.
 
-The segmentation run is tiny (resnet10 from scratch, 16^3 crops, a few dozen steps, one thread) but
+The segmentation run is small (resnet10 from scratch, 16^3 crops, 300 steps, one thread) but
 real: the held-out scan is larger than the crop, stored in another voxel order with a non-identity
 affine, and its mask must come back on that grid with Dice > 0.8 against its label.
 """
@@ -110,18 +110,28 @@ def test_finetuned_segmentation_predicts_the_held_out_scan_on_its_own_grid(tmp_p
         load_predictor(export)
 
 
-def test_an_export_folder_predicts_as_its_run(seg_run):
-    """config.json + model.safetensors with the conv_seg head (as med3d export writes them) = the run folder."""
-    export = seg_run["root"] / "export"
-    export.mkdir(exist_ok=True)
-    for name in ("config.json", "model.safetensors", "training_config.yaml"):
-        (export / name).write_bytes((seg_run["run"] / name).read_bytes())
+def test_an_export_folder_predicts_as_its_run(seg_run, tmp_path):
+    """`med3d export` of the run (the conv_seg head): the same window, preprocessing, label names and masks.
+
+    The export's training_config.yaml names the task folder only, so the label names come from its
+    config.json, not from the run's dataset.json."""
+    export = tmp_path / "export"
+    assert med3d(["export", str(seg_run["run"]), "--output", str(export), "--license", "mit", "-q"]) == 0
+    assert json.loads((export / "config.json").read_text())["class_names"] == ["background", "blob"]
+    assert str(seg_run["root"]) not in (export / "training_config.yaml").read_text()  # no local path is exported
     from_run, from_export = load_predictor(seg_run["run"]), load_predictor(export)
     assert from_export.window == from_run.window == (16, 16, 16)
     assert from_export.preprocess == from_run.preprocess and from_export.class_names == ["background", "blob"]
-    a = predict(from_run, [seg_run["image"]], device="cpu")[0]
-    b = predict(from_export, [seg_run["image"]], device="cpu")[0]
-    assert (a.mask == b.mask).mean() > 0.999 and np.array_equal(a.affine, b.affine)
+    masks = {}
+    for name, source in (("run", seg_run["run"]), ("export", export)):
+        out = tmp_path / f"masks-{name}"
+        out.mkdir()
+        assert med3d(["predict", str(source), str(seg_run["image"]), "-o", str(out), "--device", "cpu", "-q"]) == 0
+        assert json.loads((out / "scan.json").read_text())["labels"] == {"0": "background", "1": "blob"}
+        image = nib.load(out / "scan.nii.gz")
+        assert image.header["descrip"].tobytes().rstrip(b"\0") == b"labels 0=background 1=blob"
+        masks[name] = np.asanyarray(image.dataobj)
+    assert (masks["run"] == masks["export"]).mean() > 0.999
 
 
 def test_a_run_predicts_on_the_scans_own_grid(seg_run, tmp_path):
@@ -282,6 +292,39 @@ def test_classification_writes_one_row_per_scan_in_order(tmp_path):
     assert med3d(["predict", str(run), *inputs, "-o", str(out_pq), "--device", "cpu", "-q"]) == 0
     frame = pd.read_parquet(out_pq)
     assert list(frame["file"]) == inputs and list(frame["predicted"]) == [r["predicted"] for r in table]
+
+
+def test_an_export_and_its_published_entry_name_the_classes_as_the_run(tmp_path, hub_server, hf_cache, monkeypatch):
+    """The class names of the run travel with its export (config.json) and its manifest entry (source.class_names)."""
+    from scan_files import write_manifest
+
+    from med3d_hub.publishing.export import export
+    from med3d_hub.publishing.publish import manifest_entry
+    from med3d_hub.publishing.run import read_run
+    from med3d_hub.weights import manifest
+
+    run, held = _cls_run(tmp_path, steps=2)
+    exported = export(read_run(run), tmp_path / "export", license="mit")
+    entry = manifest_entry(read_run(exported.folder), exported, repo_id="med3d-test/r10-cls", tag="cls-ft",
+                           revision="main")
+    assert entry["source"]["class_names"] == ["dark", "bright"]
+    hub_server.add_file("med3d-test/r10-cls", "model.safetensors", (exported.folder / "model.safetensors").read_bytes())
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.endpoint)
+    monkeypatch.setenv("MED3D_HUB_MANIFEST", str(write_manifest(tmp_path / "weights.json", entry)))
+    monkeypatch.setattr(manifest, "_added", [])
+
+    inputs = [str(p) for p, _ in held]
+    tables = {}
+    for name, source in (("run", run), ("export", exported.folder), ("name", "resnet10.cls-ft")):
+        out = tmp_path / f"{name}.csv"
+        assert med3d(["predict", str(source), *inputs, "-o", str(out), "--device", "cpu", "-q"]) == 0
+        tables[name] = _read_table(out)
+        assert list(tables[name][0]) == ["file", "p_dark", "p_bright", "predicted"], name
+    for name in ("export", "name"):
+        assert [r["predicted"] for r in tables[name]] == [r["predicted"] for r in tables["run"]]
+        for a, b in zip(tables[name], tables["run"]):
+            np.testing.assert_allclose([float(a["p_dark"]), float(a["p_bright"])],
+                                       [float(b["p_dark"]), float(b["p_bright"])], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -157,6 +157,8 @@ def _model_section(run: Run, sha256: str | None) -> list[str]:
     head = {
         None: "none: the encoder alone (the co-training decoder branches are dropped, as in the paper)",
     }.get(run.head, run.head)
+    if config.get("class_names"):
+        head += f" ({', '.join(config['class_names'])})"
     rows = [
         ("architecture", f"{run.architecture}: {config['block']} blocks {'-'.join(map(str, config['layers']))}, shortcut {config['shortcut']}"),
         ("strides / dilation", f"{config['strides']} / {config['dilation']} (output stride {config['output_stride']})"),

@@ -115,7 +115,7 @@ def export(
 
 
 def _write_files(run: Run, folder: Path, medicalnet_pth: bool) -> list[str]:
-    model_files.write_model_files(folder, run.model, preprocess=run.preprocess)
+    model_files.write_model_files(folder, run.model, preprocess=run.preprocess, class_names=run.config.get("class_names"))
     files = [model_files.WEIGHTS_NAME, model_files.CONFIG_NAME]
     if run.training is not None:
         import yaml

@@ -111,6 +111,8 @@ def manifest_entry(run: Run, exported: Exported, *, repo_id: str, tag: str, revi
         "code": f"med3d-hub {__version__}",
         "model_kwargs": kwargs,
     }
+    if run.config.get("class_names"):
+        source["class_names"] = list(run.config["class_names"])
     if run.step is not None:
         source["step"] = run.step
     if run.validation is not None:

@@ -291,13 +291,13 @@ def _read_model_folder(path: Path) -> Run:
         path=path,
         kind="model folder",
         model=model,
-        config=model_files.model_config(model, preprocess),
+        config=model_files.model_config(model, preprocess, config.get("class_names")),
         weights_source=str(weights),
         preprocess=preprocess,
         step=validation.step if validation else None,
         datasets=[_dataset_info(t, training) for t in tasks],
         validation=validation,
-        training=training if isinstance(training, dict) else None,
+        training=_redacted(training) if isinstance(training, dict) else None,
         extra_files={name: path / name for name in ("metrics.jsonl", "curves.png") if (path / name).is_file()},
     )
 
@@ -416,6 +416,7 @@ def _redacted(cfg: Mapping) -> dict:
         out["data_root"] = "."
     if "cache_dir" in out:
         out["cache_dir"] = None
-    if out.get("output"):
-        out["output"] = Path(str(out["output"])).name
+    for key in ("output", "csv"):  # the run folder; a classification's label file
+        if out.get(key):
+            out[key] = Path(str(out[key])).name
     return out

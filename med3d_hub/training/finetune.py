@@ -152,7 +152,7 @@ class FinetuneJob(Job):
         with atomic_write(out / FINETUNED_NAME) as f:
             f.write(_safetensors_bytes(file_state_dict(model.state_dict()), meta))
         zoo = to_zoo_model(model)
-        write_model_files(out, zoo, preprocess=_preprocess_of(cfg, task))
+        write_model_files(out, zoo, preprocess=_preprocess_of(cfg, task), class_names=task.class_names)
         self.plot(metrics)
         what = "the encoder only (the paper's decoder is not a zoo head; the whole network is in " \
                f"{FINETUNED_NAME})" if cfg.task == "seg" and cfg.decoder == "paper" else "encoder and head"

@@ -88,6 +88,7 @@ def load_model(
         weights_in_chans=int(conv1.shape[1]) if conv1 is not None else weights.cfg.weights_in_chans,
         in_chans=model.in_chans,
         head=head_state,
+        class_names=weights.cfg.class_names if head_state == "pretrained" else None,  # a new head's classes have no names
     ).to_dict()
     model.pretrained_cfg = {**model.data_cfg((cfg.get("preprocess") or {}).get("size")), **cfg}
     return model

@@ -235,6 +235,11 @@ def _check_source(source: Any, fail: _Fail) -> None:
         isinstance(model_kwargs, Mapping) and all(isinstance(v, (str, int, float, bool, type(None))) for v in model_kwargs.values())
     ):
         raise fail(f"source.model_kwargs must be an object of create_model arguments (plain values), got {model_kwargs!r}")
+    class_names = source.get("class_names")
+    if class_names is not None and not (
+        isinstance(class_names, list) and class_names and all(isinstance(n, str) and n for n in class_names)
+    ):
+        raise fail(f"source.class_names must be a list of the head's class names, got {class_names!r}")
 
 
 def _check_preprocess(spec: Any) -> dict:

@@ -11,7 +11,8 @@ One layout serves ``model.save_pretrained`` / ``Med3DResNet.from_pretrained`` (h
   drop_path_rate; ``out_indices`` for feature extractors), which is what the mixin's
   ``from_pretrained`` passes to the class, and descriptive keys for people and other tools
   (``DESCRIPTIVE_KEYS``: architecture, depth, strides, dilation, output_stride, num_features,
-  preprocess, format). ``architecture`` is timm's name of the model (``med3d_resnet18``), so that
+  preprocess, format, and ``class_names``, the head's classes in index order when they are named).
+  ``architecture`` is timm's name of the model (``med3d_resnet18``), so that
   ``timm.create_model("local-dir:<folder>")`` and ``"hf-hub:<repo>"`` build this network (see
   ``timm_models``); files written before say ``resnet18``. Our readers take the architecture from
   block and layers (``zoo_architecture``), so both read the same.
@@ -27,7 +28,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -36,9 +37,7 @@ from ..errors import MissingFileError, UsageError
 from ..networks import registry
 from ..networks.registry import TIMM_PREFIX, architecture_of
 from ..networks.resnet import DILATED_LAYOUT, STRIDED_LAYOUT
-from .checkpoints import (
-    HEAD_PREFIXES, CheckpointMismatchError, NonFiniteWeightsError, check_backbone, check_finite, describe_head,
-)  # fmt: skip
+from .checkpoints import NonFiniteWeightsError, check_finite
 from .loader import ResolvedWeights
 from .pretrained_cfg import PretrainedCfg
 
@@ -50,7 +49,6 @@ __all__ = [
     "WEIGHTS_NAME",
     "architecture_of",
     "check_finite",
-    "check_state_dict",
     "config_model_kwargs",
     "create_model_kwargs",
     "file_state_dict",
@@ -68,16 +66,18 @@ CONFIG_FORMAT = "med3d_hub.resnet.v1"
 MODEL_ARGS = ("block", "layers", *registry.MODEL_ARGS)  # config.json keys that rebuild the network
 DESCRIPTIVE_KEYS = (
     "format", "architecture", "depth", "strides", "dilation", "output_stride", "num_features", "preprocess",
+    "class_names",
 )  # fmt: skip
 
 
 # -- config.json --------------------------------------------------------------------------------------
 
 
-def model_config(model: nn.Module, preprocess: Mapping | None = None) -> dict:
+def model_config(model: nn.Module, preprocess: Mapping | None = None, class_names: Sequence[str] | None = None) -> dict:
     """config.json of a zoo model, from the model as it is now (a head swapped later is recorded).
 
-    ``preprocess`` defaults to the one of the model's ``pretrained_cfg``, when it has one.
+    ``preprocess`` and ``class_names`` default to those of the model's ``pretrained_cfg``, when it
+    has them; names are kept only for a head with that many classes.
     """
     from ..networks.resnet import Med3DResNet, Med3DResNetFeatures
 
@@ -85,9 +85,13 @@ def model_config(model: nn.Module, preprocess: Mapping | None = None) -> dict:
         raise TypeError(f"expected a Med3D ResNet (med3d_hub.create_model), got {type(model).__name__}")
     arch = architecture_of(model.block, model.layers)
     layout = DILATED_LAYOUT if model.dilated else STRIDED_LAYOUT
+    cfg = getattr(model, "pretrained_cfg", None)
+    cfg = cfg if isinstance(cfg, Mapping) else {}
     if preprocess is None:
-        cfg = getattr(model, "pretrained_cfg", None)
-        preprocess = cfg.get("preprocess") if isinstance(cfg, Mapping) else None
+        preprocess = cfg.get("preprocess")
+    if class_names is None:
+        class_names = cfg.get("class_names")
+    classes = model.seg_classes or model.num_classes
     config: dict[str, Any] = {
         "format": CONFIG_FORMAT,
         "architecture": TIMM_PREFIX + arch,
@@ -107,6 +111,7 @@ def model_config(model: nn.Module, preprocess: Mapping | None = None) -> dict:
         "drop_rate": model.drop_rate,
         "drop_path_rate": model.drop_path_rate,
         "preprocess": _plain(preprocess) if preprocess is not None else None,
+        "class_names": [str(n) for n in class_names] if class_names and len(class_names) == classes else None,
     }
     if isinstance(model, Med3DResNetFeatures):
         config["out_indices"] = list(model.out_indices)
@@ -179,25 +184,8 @@ def file_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in sorted(state_dict.items())}
 
 
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
-    """Strict check of a whole state dict (backbone and head) against a model; errors name the keys."""
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    model_head = sorted(k for k in shapes if k.startswith(HEAD_PREFIXES))
-    file_head = sorted(k for k in state_dict if k.startswith(HEAD_PREFIXES))
-    if model_head != file_head or any(tuple(state_dict[k].shape) != shapes[k] for k in file_head):
-        raise CheckpointMismatchError(
-            f"the head in {source} ({describe_head(state_dict)}) differs from the model's ({describe_head(shapes)}); "
-            "build the model with the head of the file (num_classes=..., seg_classes=...), or load with strict=False "
-            "to keep a fresh head"
-        )
-    check_backbone(
-        {k: v for k, v in shapes.items() if k not in model_head},
-        {k: v for k, v in state_dict.items() if k not in file_head},
-        source=source,
-    )
-
-
-def write_model_files(folder: str | os.PathLike, model: nn.Module, *, preprocess: Mapping | None = None) -> tuple[Path, Path]:
+def write_model_files(folder: str | os.PathLike, model: nn.Module, *, preprocess: Mapping | None = None,
+                      class_names: Sequence[str] | None = None) -> tuple[Path, Path]:
     """Write ``model.safetensors`` and ``config.json`` of ``model`` into ``folder``; returns both paths.
 
     The same weights always give the same bytes (so the same sha256): the safetensors header holds
@@ -208,7 +196,7 @@ def write_model_files(folder: str | os.PathLike, model: nn.Module, *, preprocess
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = model_config(model, preprocess)
+    config = model_config(model, preprocess, class_names)
     weights, config_path = folder / WEIGHTS_NAME, folder / CONFIG_NAME
     weights.write_bytes(save(file_state_dict(model.state_dict()), metadata={"format": "pt"}))
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -262,7 +250,7 @@ def resolve_saved(where: str | os.PathLike, *, config: Mapping | None = None, **
         name=arch, architecture=arch, hf_hub_id=repo_id, revision=revision, filename=WEIGHTS_NAME,
         sha256=sha256_file(path), size=path.stat().st_size, format="safetensors",
         preprocess=Preprocess.from_dict(PAPER_PREPROCESS if preprocess is None else preprocess).to_dict(),
-        file=None if repo_id else str(path),
+        file=None if repo_id else str(path), class_names=config.get("class_names"),
     )  # fmt: skip
     source = f"hf://{repo_id}@{revision}/{WEIGHTS_NAME}" if repo_id else str(path)
     return arch, ResolvedWeights(load_file(str(path)), cfg, source, kwargs)

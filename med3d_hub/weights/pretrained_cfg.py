@@ -40,6 +40,7 @@ class PretrainedCfg:
     in_chans: int | None = None  # input channels of the model (conv1 adapted when they differ)
     file: str | None = None  # the local file, when the weights came from one
     head: str | None = None  # None: no head; "pretrained": from the file; "new": freshly initialised
+    class_names: list[str] | None = None  # the names of the head's classes, in index order, when the weights say
 
     @classmethod
     def from_entry(cls, entry: WeightsEntry) -> PretrainedCfg:
@@ -49,11 +50,16 @@ class PretrainedCfg:
             revision=entry.revision, filename=entry.filename, urls=list(entry.urls), sha256=entry.sha256,
             size=entry.size, format=entry.format, license=entry.license, source=copy.deepcopy(entry.source),
             preprocess=copy.deepcopy(entry.preprocess), shortcut=entry.shortcut, weights_in_chans=entry.in_chans,
+            class_names=_names(entry.source.get("class_names")),
         )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (deep copies), the form models carry."""
         return asdict(self)
+
+
+def _names(value: Any) -> list[str] | None:
+    return [str(n) for n in value] if isinstance(value, (list, tuple)) and value else None
 
 
 def has_weights(model: Any) -> bool:
