@@ -89,11 +89,11 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def build_config(args: argparse.Namespace):
     from ..training.config import ConfigError
-    from ..training.finetune_config import FinetuneConfig, load_finetune_config
+    from ..training.finetune_config import finetune_config_class, load_finetune_config
     from .train import parse_set_overrides
 
     kind = args.kind
-    cfg = load_finetune_config(args.config) if args.config else FinetuneConfig(task=kind)
+    cfg = load_finetune_config(args.config, task=kind) if args.config else finetune_config_class(kind)()
     if cfg.task != kind:
         raise ConfigError(f"{args.config} is a {cfg.task!r} recipe; run it with `finetune {cfg.task}`")
     changes: dict = {}

@@ -36,7 +36,8 @@ from ..data.io import VolumeReadError, read_volume
 from ..data.preprocess import PAPER_PREPROCESS, Preprocess
 from .data import BadCaseWarning, DataError, MicroBatchPlan, default_cache_dir, fill_everywhere, is_cached, save_case
 from .distributed import DistContext
-from .finetune_config import ConfigError, FinetuneConfig
+from .config import ConfigError
+from .finetune_config import ClsFinetuneConfig
 
 __all__ = ["ClsTask", "CsvRow", "LabelledVolumeDataset", "prepare_classification", "read_label_csv"]
 
@@ -184,7 +185,7 @@ def _split(rows: list[CsvRow], fraction: float, seed: int) -> dict[int, str]:
     return out
 
 
-def prepare_classification(cfg: FinetuneConfig, ctx: DistContext | None = None, log=print) -> list[ClsTask]:
+def prepare_classification(cfg: ClsFinetuneConfig, ctx: DistContext | None = None, log=print) -> list[ClsTask]:
     """Read and check the CSV, split it, fill the preprocessing cache; the same answer on every rank."""
     ctx = ctx or DistContext()
     rows, bad = read_label_csv(cfg.csv, cfg.num_classes)

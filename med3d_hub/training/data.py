@@ -44,7 +44,7 @@ from ..data.io import Volume, VolumeReadError, read_volume
 from ..data.preprocess import PAPER_PREPROCESS, Preprocess
 from ..errors import Med3DError
 from ..files import atomic_write, read_json
-from .config import ConfigError, TaskConfig, TrainConfig
+from .config import ConfigError, RunConfig, SegmentationSection, TaskConfig
 from .distributed import DistContext
 
 __all__ = [
@@ -346,7 +346,7 @@ class _TaskPlan:
     cases: list[Case]
 
 
-def _plan_task(cfg: TrainConfig, task: TaskConfig, cache_root: Path) -> _TaskPlan:
+def _plan_task(cfg: SegmentationSection | RunConfig, task: TaskConfig, cache_root: Path) -> _TaskPlan:
     folder = cfg.task_path(task)
     if not folder.is_dir():
         raise DataError(
@@ -391,7 +391,7 @@ def _split(case_ids: list[str], fraction: float, seed: int, task_index: int) -> 
     return [c for c in case_ids if c not in val], [c for c in case_ids if c in val]
 
 
-def prepare_tasks(cfg: TrainConfig, ctx: DistContext | None = None, log=print) -> list[PreparedTask]:
+def prepare_tasks(cfg: SegmentationSection | RunConfig, ctx: DistContext | None = None, log=print) -> list[PreparedTask]:
     """Check every case, compute the median spacings, fill the cache; the same answer on all ranks."""
     ctx = ctx or DistContext()
     cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()

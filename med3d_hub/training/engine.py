@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import DivergedError
 from ..files import atomic_write
 from .checkpoint import CheckpointError, find_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, RunConfig
 from .data import CropDataset, MicroBatchPlan, MicroBatchSampler, PreparedTask, collate, prepare_tasks
 from .distributed import DistContext, init_distributed
 from .encoder import export_encoder
@@ -197,12 +197,13 @@ def _tasks_digest(tasks: list[PreparedTask]) -> str:
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
-def _check_resumable(state: dict, cfg: TrainConfig, per_step: int, world: int, log, extra_keys=()) -> None:
+def _check_resumable(state: dict, cfg: RunConfig, per_step: int, world: int, log, extra_keys=()) -> None:
     """Raise if the run cannot continue; note the settings that changed."""
     old, new = state["config"], cfg.to_dict()
-    diffs = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in (*_RESUME_KEYS, *extra_keys) if old.get(k) != new[k]]
+    keys = [k for k in (*_RESUME_KEYS, *extra_keys) if k in new]  # a key of another task's section is not compared
+    diffs = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in keys if old.get(k) != new[k]]
     old_tasks = [{k: t.get(k) for k in _TASK_KEYS} for t in old.get("tasks", [])]
-    new_tasks = [{k: t.get(k) for k in _TASK_KEYS} for t in new["tasks"]]
+    new_tasks = [{k: t.get(k) for k in _TASK_KEYS} for t in new.get("tasks", [])]
     if old_tasks != new_tasks:
         diffs.append(f"tasks: {old_tasks} -> {new_tasks}")
     old_per_step = state["data"]["micro_batches_per_step"]
@@ -345,7 +346,7 @@ class Job:
         log(f"done: encoder {path}, metrics {metrics.path}, curves {metrics.png}")
 
 
-def train(cfg: TrainConfig, resume: bool | str | None = None, job: Job | None = None, quiet: bool = False) -> int:
+def train(cfg: RunConfig, resume: bool | str | None = None, job: Job | None = None, quiet: bool = False) -> int:
     """Run (or continue) a co-training, or the training ``job`` describes; returns the exit status.
 
     ``quiet`` silences the progress lines; errors, ``metrics.jsonl`` and the checkpoints stay.
@@ -366,7 +367,7 @@ def train(cfg: TrainConfig, resume: bool | str | None = None, job: Job | None = 
         ctx.shutdown()
 
 
-def _train(cfg: TrainConfig, ctx: DistContext, resume, stop: _StopRequest, resources: list, job: Job,
+def _train(cfg: RunConfig, ctx: DistContext, resume, stop: _StopRequest, resources: list, job: Job,
            quiet: bool) -> int:
     log = _Printer(ctx.is_main and not quiet)
     device = ctx.device
