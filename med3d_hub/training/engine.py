@@ -28,12 +28,13 @@ from ..errors import DivergedError
 from ..files import atomic_write
 from .checkpoint import CheckpointError, find_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, RunConfig
-from .data import CropDataset, MicroBatchPlan, MicroBatchSampler, PreparedTask, collate, prepare_tasks
+from .data import PreparedTask, prepare_tasks
 from .distributed import DistContext, init_distributed
 from .encoder import export_encoder
 from .evaluate import validate
 from .metrics import MetricsLogger
 from .model import CoTrainNet
+from .sampling import CropDataset, MicroBatchPlan, MicroBatchSampler, collate
 
 __all__ = ["Job", "train"]
 
