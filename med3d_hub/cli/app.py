@@ -477,7 +477,7 @@ def _bytes(n: int) -> str:
 
 def _check_runtime(args: argparse.Namespace) -> None:
     """Device, autocast and threads, checked before the weights are fetched."""
-    from ..inference.features import check_amp, resolve_device
+    from ..inference.runtime import check_amp, resolve_device
 
     check_amp(args.amp, resolve_device(args.device), force=args.force_amp)
     if args.threads:

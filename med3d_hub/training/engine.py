@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,6 +27,8 @@ from torch import nn
 
 from ..errors import DivergedError
 from ..files import atomic_write
+from ..inference.runtime import autocast as runtime_autocast
+from ..inference.runtime import check_amp
 from .checkpoint import CheckpointError, find_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, RunConfig
 from .data import PreparedTask, prepare_tasks
@@ -179,18 +182,6 @@ class _BatchNormAverager:
         if self.active:
             mean = self.ctx.all_reduce_sum_(self.sum) / (self.accum * self.ctx.world_size)
             self._assign(mean)
-
-
-def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "none" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if device.type != "cuda":
-        raise ConfigError(
-            f"amp={amp} needs a GPU; on CPUs without native bf16, autocast is far slower than fp32. Use amp: none"
-        )
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
 def _tasks_digest(tasks: list[PreparedTask]) -> str:
@@ -375,7 +366,7 @@ def _train(cfg: RunConfig, ctx: DistContext, resume, stop: _StopRequest, resourc
     out = Path(cfg.output)
     ckpt_dir = out / "checkpoints"
     per_step = ctx.world_size * cfg.accum_steps
-    amp_dtype = _amp_dtype(cfg.amp, device)
+    amp_dtype = check_amp(cfg.amp, device)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if device.type == "cuda":
@@ -464,7 +455,7 @@ def _train(cfg: RunConfig, ctx: DistContext, resume, stop: _StopRequest, resourc
         num_workers=cfg.workers, collate_fn=job.collate, pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
         prefetch_factor=4 if cfg.workers else None,
     )
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    autocast = partial(runtime_autocast, device, amp_dtype)
 
     def checkpoint(step: int) -> None:
         rngs = ctx.all_gather_object(rng_state())

@@ -133,13 +133,6 @@ class FinetuneJob(Job):
         return scores, (f"accuracy {scores['accuracy']:.3f}, balanced accuracy {scores['balanced_accuracy']:.3f}, "
                         f"AUC {scores.get('auc', float('nan')):.3f}")
 
-    def plot(self, metrics) -> None:
-        if metrics.enabled:
-            from .classification_eval import plot_finetune_curves
-
-            task = "cls" if any("accuracy" in r for r in metrics.records) else "seg"
-            plot_finetune_curves(metrics.records, metrics.png, task)
-
     def finish(self, cfg: FinetuneConfig, model: nn.Module, tasks: list, out: Path, metrics, log) -> None:
         from ..files import atomic_write
         from ..weights.model_files import file_state_dict, write_model_files
