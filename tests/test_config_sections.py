@@ -82,12 +82,12 @@ def test_fine_tuning_configs_saved_by_the_single_dataclass_still_load(tmp_path):
     loaded = load_finetune_config(_write(tmp_path, cls, "cls.yaml"))
     assert isinstance(loaded, ClsFinetuneConfig) and loaded.num_classes == 2 and not hasattr(loaded, "tasks")
     # a resumed run compares only the keys its own dataclass has
-    from med3d_hub.training.engine import _check_resumable
+    from med3d_hub.training.checkpoint import check_resumable
 
     state = {"config": cls, "data": {"micro_batches_per_step": 1}}
-    _check_resumable(state, loaded, 1, 1, lambda *_: None, ("task", "pretrained", "csv", "intensity", "decoder"))
+    check_resumable(state, loaded, 1, 1, lambda *_: None, ("task", "pretrained", "csv", "intensity", "decoder"))
     with pytest.raises(Exception, match="csv"):
-        _check_resumable(state, loaded.replace(csv="other.csv"), 1, 1, lambda *_: None, ("csv",))
+        check_resumable(state, loaded.replace(csv="other.csv"), 1, 1, lambda *_: None, ("csv",))
 
 
 def test_the_task_key_picks_the_dataclass(tmp_path):
