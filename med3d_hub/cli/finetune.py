@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from .train import AMP_HELP
+
 __all__ = ["add_arguments", "build_config", "main", "parser", "run"]
 
 EPILOG = {
@@ -66,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--output", help="run folder: checkpoints, metrics, curves, the fine-tuned model")
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], help="mixed precision (GPU only)")
+    g.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], help=AMP_HELP)
     g.add_argument("--workers", type=int, help="data loader worker processes per training process")
     g.add_argument("--seed", type=int)
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
