@@ -41,9 +41,10 @@ class FinetuneConfig(TransferSection, RunConfig):
     @classmethod
     def from_dict(cls, raw: dict, where: str = "config", task: str | None = None) -> FinetuneConfig:
         """The dataclass of ``raw['task']`` (else ``task``, else ``seg``) when called on the base."""
-        if cls is FinetuneConfig:
-            cls = finetune_config_class((raw.get("task") if isinstance(raw, dict) else None) or task or "seg")
-        return super().from_dict.__func__(cls, raw, where)  # type: ignore[attr-defined]
+        if cls is not FinetuneConfig:
+            return super().from_dict(raw, where)
+        chosen = finetune_config_class((raw.get("task") if isinstance(raw, dict) else None) or task or "seg")
+        return chosen.from_dict(raw, where)
 
 
 @dataclass
