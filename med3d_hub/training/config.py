@@ -411,19 +411,19 @@ class TransferSection:
 # -- keys: each belongs to the runs whose dataclass has it ----------------------------------------
 
 _RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)}
-_SECTIONS = (
-    (SegmentationSection, "segmentation runs (`med3d train`, `med3d finetune seg`)"),
-    (ClassificationSection, "classification fine-tuning (`med3d finetune cls`)"),
-    (TransferSection, "fine-tuning (`med3d finetune seg|cls`)"),
+_SECTIONS = (  # a section, the runs that take it, their commands
+    (SegmentationSection, "segmentation runs", "`med3d train`, `med3d finetune seg`"),
+    (ClassificationSection, "classification fine-tuning", "`med3d finetune cls`"),
+    (TransferSection, "fine-tuning", "`med3d finetune seg|cls`"),
 )
-# key -> (the value a fine-tuning config of the other task holds, the runs that take it). Fine-tuning
+# key -> (the value a fine-tuning config of the other task holds, the runs, their commands). Fine-tuning
 # configs saved by earlier versions listed the keys of both data sections; at these values they ask for nothing.
-_HOMES: dict[str, tuple[Any, str]] = {
-    f.name: ([] if f.default is dataclasses.MISSING else f.default, runs)
-    for section, runs in _SECTIONS[:2] for f in dataclasses.fields(section) if f.name not in _RUN_KEYS
+_HOMES: dict[str, tuple[Any, str, str]] = {
+    f.name: ([] if f.default is dataclasses.MISSING else f.default, runs, commands)
+    for section, runs, commands in _SECTIONS[:2] for f in dataclasses.fields(section) if f.name not in _RUN_KEYS
 }
-_HOMES["decoder"] = ("paper", "segmentation fine-tuning (`med3d finetune seg`)")
-_HOMES.update({f.name: (dataclasses.MISSING, _SECTIONS[2][1])
+_HOMES["decoder"] = ("paper", "segmentation fine-tuning", "`med3d finetune seg`")
+_HOMES.update({f.name: (dataclasses.MISSING, *_SECTIONS[2][1:])
                for f in dataclasses.fields(TransferSection) if f.name not in _RUN_KEYS})
 _WHAT_TO_DO = {
     "intensity": "in a segmentation run it is set per task, under `tasks:` (`- name: ..., intensity: {...}`)",
@@ -445,9 +445,10 @@ def _accepted(cls: type, raw: dict, where: str) -> dict:
         elif home is not None and value == home[0] and issubclass(cls, TransferSection):
             continue  # a fine-tuning config saved by an earlier version: it asks for nothing
         elif home is not None:
-            todo = _WHAT_TO_DO.get(key, f"remove it, or run the recipe with {home[1].split('(')[-1].rstrip(')')}")
+            _, runs, commands = home
+            todo = _WHAT_TO_DO.get(key, f"remove it, or run the recipe with {commands}")
             raise ConfigError(f"{where}: key {key!r} does not apply to {cls.run_name} (it is a setting of "
-                              f"{home[1]}), so it would be ignored; {todo}")
+                              f"{runs}, {commands}), so it would be ignored; {todo}")
         else:
             _check_known({key: value}, allowed, where)
     return kept
