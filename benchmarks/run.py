@@ -161,7 +161,7 @@ def _gpu_bf16() -> bool:
 
 
 def _native_bf16() -> bool:
-    from med3d_hub.inference.features import _native_cpu_amp
+    from med3d_hub.inference.runtime import _native_cpu_amp
 
     import torch
 

@@ -354,7 +354,8 @@ def job_loader(job: dict) -> dict:
     import torch
 
     from med3d_hub.training.config import load_config
-    from med3d_hub.training.data import CropDataset, MicroBatchPlan, MicroBatchSampler, collate, prepare_tasks
+    from med3d_hub.training.data import prepare_tasks
+    from med3d_hub.training.sampling import CropDataset, MicroBatchPlan, MicroBatchSampler, collate
 
     threads = _setup_threads(job.get("threads"))
     cfg = load_config(job["config"])

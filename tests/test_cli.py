@@ -258,13 +258,13 @@ def test_intensity_and_size_parsing():
 def test_one_pretrained_vocabulary_for_features_and_finetune():
     """`scratch` and `on` mean the same to every command: random weights, the default weights."""
     pytest.importorskip("yaml")
-    from med3d_hub.training.finetune_config import PAPER_LR_PRETRAINED, PAPER_LR_SCRATCH, FinetuneConfig
+    from med3d_hub.training.finetune_config import PAPER_LR_PRETRAINED, PAPER_LR_SCRATCH, SegFinetuneConfig
 
     for word in ("none", "false", "random", "scratch", "no", "off", " Scratch "):
         assert resolve_pretrained("resnet50", word) == ("resnet50", False), word
-        assert FinetuneConfig(pretrained=word).lr == PAPER_LR_SCRATCH, word
+        assert SegFinetuneConfig(pretrained=word).lr == PAPER_LR_SCRATCH, word
     for word in ("default", "true", "yes", "on", None):
         assert resolve_pretrained("resnet50", word) == ("resnet50", True), word
-        assert FinetuneConfig(pretrained=word or "default").lr == PAPER_LR_PRETRAINED, word
+        assert SegFinetuneConfig(pretrained=word or "default").lr == PAPER_LR_PRETRAINED, word
     with pytest.raises(ValueError, match="disagrees"):
         resolve_pretrained("resnet50.3dseg8", "23datasets")

@@ -15,7 +15,7 @@ pytest.importorskip("pydicom")
 pytest.importorskip("nilearn")
 
 import med3d_hub  # noqa: E402
-from med3d_hub.inference import features as features_module  # noqa: E402
+from med3d_hub.inference import runtime  # noqa: E402
 from med3d_hub.inference.features import (  # noqa: E402
     FeatureExtractionError, check_amp, check_output, extract_features, iter_features, save_features,
 )
@@ -167,18 +167,18 @@ def test_bad_options_fail_before_reading(model):
 def test_amp_is_refused_where_it_is_emulated(monkeypatch):
     cpu = torch.device("cpu")
     assert check_amp(None, cpu) is None
-    monkeypatch.setattr(features_module, "_native_cpu_amp", lambda dtype: False)
+    monkeypatch.setattr(runtime, "_native_cpu_amp", lambda dtype: False)
     with pytest.raises(ValueError, match="hundreds of times slower"):
         check_amp("bf16", cpu)
     with pytest.warns(RuntimeWarning, match="forced"):
         assert check_amp("bf16", cpu, force=True) is torch.bfloat16
-    monkeypatch.setattr(features_module, "_native_cpu_amp", lambda dtype: True)
+    monkeypatch.setattr(runtime, "_native_cpu_amp", lambda dtype: True)
     assert check_amp("fp16", cpu) is torch.float16
     with pytest.raises(ValueError, match="unknown amp"):
         check_amp("int8", cpu)
 
 
-@pytest.mark.skipif(not features_module._native_cpu_amp(torch.bfloat16), reason="this CPU has no native bf16")
+@pytest.mark.skipif(not runtime._native_cpu_amp(torch.bfloat16), reason="this CPU has no native bf16")
 def test_bf16_autocast_is_close(model, scans):
     fp32 = extract_features(model, [scans["ct"]], preprocess=SMALL)
     bf16 = extract_features(model, [scans["ct"]], preprocess=SMALL, amp="bf16")

@@ -142,10 +142,10 @@ def test_classification_end_to_end_and_resume(data, tmp_path):
 
 def test_new_layers_learn_faster_and_scratch_uses_the_paper_rate(data):
     from med3d_hub.training.finetune import FinetuneJob
-    from med3d_hub.training.finetune_config import FinetuneConfig
+    from med3d_hub.training.finetune_config import ClsFinetuneConfig
     from med3d_hub.training.finetune_model import build_finetune_net
 
-    cfg = FinetuneConfig(task="cls", csv="x.csv", model="resnet10", pretrained=str(data["encoder"]))
+    cfg = ClsFinetuneConfig(csv="x.csv", model="resnet10", pretrained=str(data["encoder"]))
     assert cfg.lr == pytest.approx(1e-3)
     net = build_finetune_net(cfg, 2)
     groups = FinetuneJob().optimizer(cfg, net).param_groups
@@ -181,7 +181,7 @@ def test_csv_reader_reports_bad_rows_by_line(tmp_path, capsys):
 
 def test_csv_reader_refuses_a_wrong_header_and_a_bad_split(tmp_path):
     from med3d_hub.training.classification_data import read_label_csv
-    from med3d_hub.training.data import DataError
+    from med3d_hub.training.cache import DataError
 
     (tmp_path / "a.npy").write_bytes(b"")
     (tmp_path / "bad.csv").write_text("file,label\na.npy,1\n")
@@ -197,10 +197,10 @@ def test_unreadable_volume_is_reported_by_line_or_skipped(data, tmp_path):
     (tmp_path / "volumes" / "broken.npy").write_bytes(b"not an array")
     csv.write_text(csv.read_text() + "volumes/broken.npy,1\n")
     from med3d_hub.training.classification_data import prepare_classification
-    from med3d_hub.training.data import BadCaseWarning, DataError
-    from med3d_hub.training.finetune_config import FinetuneConfig
+    from med3d_hub.training.cache import BadCaseWarning, DataError
+    from med3d_hub.training.finetune_config import ClsFinetuneConfig
 
-    cfg = FinetuneConfig(task="cls", csv=str(csv), cache_dir=str(tmp_path / "cache"), crop=(8, 8, 8), model="resnet10")
+    cfg = ClsFinetuneConfig(csv=str(csv), cache_dir=str(tmp_path / "cache"), crop=(8, 8, 8), model="resnet10")
     with pytest.raises(DataError, match=r"line 8: .*broken.npy"):
         prepare_classification(cfg, log=lambda *_: None)
     with pytest.warns(BadCaseWarning, match="line 8"):

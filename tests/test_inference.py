@@ -218,7 +218,7 @@ def test_bf16_autocast_runs_on_any_cpu():
 
 
 def test_bf16_autocast_is_followed_where_the_cpu_has_it():
-    from med3d_hub.inference.features import _native_cpu_amp
+    from med3d_hub.inference.runtime import _native_cpu_amp
 
     if not _native_cpu_amp(torch.bfloat16):
         pytest.skip("no native bf16 on this CPU (autocast would be emulated)")

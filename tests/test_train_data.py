@@ -16,9 +16,9 @@ from med3d_hub.data.io import read_volume  # noqa: E402
 from med3d_hub.train import main  # noqa: E402
 from med3d_hub.training import data as data_mod  # noqa: E402
 from med3d_hub.training.config import TaskConfig, TrainConfig  # noqa: E402
-from med3d_hub.training.data import (  # noqa: E402
-    BadCaseWarning, CropDataset, DataError, MicroBatchPlan, crop_box, prepare_tasks, read_crop,
-)
+from med3d_hub.training.cache import BadCaseWarning, DataError  # noqa: E402
+from med3d_hub.training.data import prepare_tasks  # noqa: E402
+from med3d_hub.training.sampling import CropDataset, MicroBatchPlan, crop_box, read_crop  # noqa: E402
 from med3d_hub.training.synthetic import make_synthetic_task, write_case  # noqa: E402
 
 

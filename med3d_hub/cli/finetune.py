@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from .train import AMP_HELP
+
 __all__ = ["add_arguments", "build_config", "main", "parser", "run"]
 
 EPILOG = {
@@ -66,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--output", help="run folder: checkpoints, metrics, curves, the fine-tuned model")
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], help="mixed precision (GPU only)")
+    g.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], help=AMP_HELP)
     g.add_argument("--workers", type=int, help="data loader worker processes per training process")
     g.add_argument("--seed", type=int)
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
@@ -89,11 +91,11 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def build_config(args: argparse.Namespace):
     from ..training.config import ConfigError
-    from ..training.finetune_config import FinetuneConfig, load_finetune_config
+    from ..training.finetune_config import finetune_config_class, load_finetune_config
     from .train import parse_set_overrides
 
     kind = args.kind
-    cfg = load_finetune_config(args.config) if args.config else FinetuneConfig(task=kind)
+    cfg = load_finetune_config(args.config, task=kind) if args.config else finetune_config_class(kind)()
     if cfg.task != kind:
         raise ConfigError(f"{args.config} is a {cfg.task!r} recipe; run it with `finetune {cfg.task}`")
     changes: dict = {}

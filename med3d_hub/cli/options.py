@@ -161,7 +161,7 @@ def check_inputs_exist(inputs: list[str]) -> None:
 
 def check_runtime(args: argparse.Namespace) -> None:
     """Device, autocast and threads, checked before the weights are fetched."""
-    from ..inference.features import check_amp, resolve_device
+    from ..inference.runtime import check_amp, resolve_device
 
     check_amp(args.amp, resolve_device(args.device), force=args.force_amp)
     if args.threads:

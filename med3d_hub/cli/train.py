@@ -21,6 +21,9 @@ from ..training.config import ConfigError, TaskConfig, TrainConfig, load_config
 __all__ = ["build_config", "main", "parser"]
 
 
+AMP_HELP = ("mixed precision: auto (bf16 on a GPU that has it, else fp32), none, bf16 or fp16 (on a CPU only "
+            "where it computes that type natively)")
+
 EPILOG = """\
 examples:
   med3d train --config configs/3dseg8.yaml --data-root /data/msd --output runs/3dseg8-r50
@@ -53,7 +56,7 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--output", help="run folder: checkpoints, metrics, encoder.safetensors")
     p.add_argument("--cache-dir", help="where preprocessed volumes are cached")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], help="mixed precision (GPU only)")
+    p.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], help=AMP_HELP)
     p.add_argument("--workers", type=int, help="data loader worker processes per training process")
     p.add_argument("--seed", type=int)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines (errors, metrics.jsonl and checkpoints stay)")

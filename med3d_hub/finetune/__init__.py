@@ -3,9 +3,10 @@
 The training code lives in med3d_hub.training; this package is only the entry point.
 """
 
-from ..training.finetune_config import FinetuneConfig, load_finetune_config
+from ..training.finetune_config import ClsFinetuneConfig, FinetuneConfig, SegFinetuneConfig, load_finetune_config
 
-__all__ = ["FinetuneConfig", "finetune", "load_finetune_config", "load_finetuned", "main"]
+__all__ = ["ClsFinetuneConfig", "FinetuneConfig", "SegFinetuneConfig", "finetune", "load_finetune_config",
+           "load_finetuned", "main"]
 
 
 def finetune(cfg, resume=None) -> int:

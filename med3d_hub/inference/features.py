@@ -31,7 +31,6 @@ import copy
 import json
 import os
 import tempfile
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +46,7 @@ from ..data.io import Volume, read_volume
 from ..data.preprocess import Preprocess, transforms_for
 from ..errors import Med3DError, MissingFileError, UnwritableError, UsageError
 from ..files import atomic_write
+from .runtime import autocast, check_amp, resolve_device
 
 __all__ = [
     "MAPS",
@@ -102,75 +102,6 @@ class FeatureResult:
         return self.error is None
 
 
-# -- device and mixed precision --------------------------------------------------------------------
-
-
-def resolve_device(device: str | torch.device | None, model: nn.Module | None = None) -> torch.device:
-    """``None``: the model's device (CPU without one); ``"auto"``: CUDA when available, else CPU."""
-    if device is None:
-        param = next(model.parameters(), None) if model is not None else None
-        return param.device if param is not None else torch.device("cpu")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise UsageError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto.") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(
-            "device cuda was asked for, but torch sees no CUDA GPU (CPU-only build, no driver, or "
-            "CUDA_VISIBLE_DEVICES is empty); use --device cpu."
-        )
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"device {device} is not supported here; use cpu or cuda.")
-    return device
-
-
-_AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
-
-def _native_cpu_amp(dtype: torch.dtype) -> bool:
-    """Whether this CPU computes ``dtype`` natively (else oneDNN emulates it, very slowly)."""
-    probe = {
-        torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
-        torch.float16: ("_is_amx_fp16_supported",),
-    }[dtype]
-    for name in probe:
-        check = getattr(torch.cpu, name, None)
-        try:
-            if check is not None and check():
-                return True
-        except Exception:  # a probe that is missing or fails on this build counts as "no"
-            pass
-    return False
-
-
-def check_amp(amp: str | None, device: torch.device, *, force: bool = False) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` (None, "bf16", "fp16") on ``device``, or an error.
-
-    On a CPU without native support for the type autocast is hundreds of times slower than fp32:
-    that raises ``ValueError`` unless ``force`` (then it warns).
-    """
-    if amp in (None, False, "none", "fp32", "off"):
-        return None
-    if amp not in _AMP_DTYPES:
-        raise UsageError(f"unknown amp {amp!r}; use bf16 or fp16 (or leave it off for fp32).")
-    dtype = _AMP_DTYPES[amp]
-    label = "bf16" if dtype == torch.bfloat16 else "fp16"
-    if device.type == "cpu" and not _native_cpu_amp(dtype):
-        needs = "AVX512-BF16 or AMX" if dtype == torch.bfloat16 else "AMX-FP16"
-        message = (
-            f"{label} autocast on this CPU is emulated (it lacks {needs}) and runs hundreds of times "
-            "slower than fp32, with no memory benefit worth it"
-        )
-        if not force:
-            raise UsageError(f"{message}. Leave amp off on this machine, or force it (--force-amp).")
-        warnings.warn(f"{message}; forced anyway.", RuntimeWarning, stacklevel=2)
-    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise UsageError("this GPU does not support bf16; use --amp fp16.")
-    return dtype
-
-
 # -- the network side ------------------------------------------------------------------------------
 
 
@@ -209,8 +140,7 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def _forward(net: nn.Module, x: torch.Tensor, maps: str, amp_dtype: torch.dtype | None) -> list[Features]:
     """One batch through the network; per-volume numpy float32 results, in batch order."""
-    autocast = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast(x.device, amp_dtype):
         if maps == "pooled":
             out = net.forward_head(net.forward_features(x), pre_logits=True)
             outs = {"": out}

@@ -35,9 +35,10 @@ from ..data.io import Volume, read_volume
 from ..data.preprocess import Preprocess
 from ..errors import Med3DError, UsageError
 from . import geometry
-from .features import _as_list, _input_name, check_amp, resolve_device, scan_progress_bar
+from .features import _as_list, _input_name, scan_progress_bar
 from .prediction_files import check_table_output, mask_path, write_mask, write_table
 from .predictor import DEFAULT_WINDOW, Predictor, Source, load_predictor
+from .runtime import check_amp, resolve_device
 from .sliding_window import sliding_window
 
 __all__ = [  # the predictor and the files are their modules'; here too, for one import

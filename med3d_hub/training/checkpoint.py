@@ -2,12 +2,16 @@
 
 A checkpoint holds the model (encoder + branches), optimiser, LR scheduler and AMP scaler states,
 every rank's random generator states (as tensors and plain numbers, so the safe loader reads
-them), the data position (the step; see ``data.MicroBatchPlan``) and the run's config. Files are
-``checkpoints/step_XXXXXXXX.pt``; the newest ``keep`` are kept.
+them), the data position (the step; see ``sampling.MicroBatchPlan``) and the run's config. Files are
+``checkpoints/step_XXXXXXXX.pt``; the newest ``keep`` are kept. ``choose_checkpoint`` picks the one
+to resume from and ``check_resumable`` says whether the run's settings let it continue.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
 import re
 from pathlib import Path
@@ -19,8 +23,8 @@ import torch
 from ..errors import Med3DError
 from ..files import atomic_write, fsync_dir
 
-__all__ = ["CheckpointError", "FORMAT", "find_checkpoints", "load_checkpoint", "save_checkpoint", "prune_checkpoints",
-           "rng_state", "set_rng_state"]
+__all__ = ["CheckpointError", "FORMAT", "check_resumable", "choose_checkpoint", "find_checkpoints", "load_checkpoint",
+           "save_checkpoint", "prune_checkpoints", "rng_state", "set_rng_state", "tasks_digest"]
 
 FORMAT = "med3d_hub.train/1"
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
@@ -92,3 +96,73 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+
+
+# -- resuming -----------------------------------------------------------------------------------
+
+# Settings a resumed run must share with its checkpoint (the rest may change, e.g. steps).
+RESUME_KEYS = ("model", "batch_size", "crop", "foreground_prob", "augment", "seed", "optimizer", "momentum",
+                "weight_decay", "val_fraction")
+# Settings of the learning-rate schedule: when one changes, the schedule is rebuilt from the config.
+SCHEDULE_KEYS = ("steps", "lr", "schedule", "warmup_steps", "warmup_lr", "min_lr", "poly_power")
+TASK_KEYS = ("name", "num_classes", "channel", "weight", "crop", "intensity")
+
+def tasks_digest(tasks: list) -> str:
+    """Which cases train and validate: a resumed run notes when they changed."""
+    payload = [[t.name, t.train, t.val] for t in tasks]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+
+def check_resumable(state: dict, cfg, per_step: int, world: int, log, extra_keys=()) -> None:
+    """Raise if the run cannot continue; note the settings that changed."""
+    old, new = state["config"], cfg.to_dict()
+    keys = [k for k in (*RESUME_KEYS, *extra_keys) if k in new]  # a key of another task's section is not compared
+    diffs = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in keys if old.get(k) != new[k]]
+    old_tasks = [{k: t.get(k) for k in TASK_KEYS} for t in old.get("tasks", [])]
+    new_tasks = [{k: t.get(k) for k in TASK_KEYS} for t in new.get("tasks", [])]
+    if old_tasks != new_tasks:
+        diffs.append(f"tasks: {old_tasks} -> {new_tasks}")
+    old_per_step = state["data"]["micro_batches_per_step"]
+    if old_per_step != per_step:
+        hint = (f"; with {world} process(es) use --accum-steps {old_per_step // world}"
+                if old_per_step % world == 0 else "")
+        diffs.append(f"micro-batches per step (processes x accum_steps): {old_per_step} -> {per_step}{hint}")
+    if diffs:
+        raise CheckpointError(
+            "the checkpoint was made with other settings, so resuming would not continue the same run:\n  "
+            + "\n  ".join(diffs) + "\nStart a new run in another --output folder, or restore these settings."
+        )
+    for key in ("grad_clip", "amp", "accum_steps"):
+        if old.get(key) != new[key]:
+            log(f"note: {key} changed since the checkpoint ({old.get(key)!r} -> {new[key]!r})")
+    changed = [key for key in SCHEDULE_KEYS if old.get(key) != new[key]]
+    for key in changed:
+        log(f"note: {key} changed since the checkpoint ({old.get(key)!r} -> {new[key]!r}); "
+            "the learning-rate schedule follows the new value from here on")
+
+
+def choose_checkpoint(folder: Path, resume: bool | str | None, log) -> Path | None:
+    """Which checkpoint to resume from (rank 0), or None to start a new run."""
+    if isinstance(resume, str):
+        path = Path(resume)
+        if not path.is_file():
+            raise CheckpointError(f"--resume {resume}: no such checkpoint file")
+        return path
+    found = find_checkpoints(folder)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    if not found:
+        if resume:
+            log(f"resume: no checkpoint in {folder}; starting a new run")
+        return None
+    if not resume and not restarted:
+        raise CheckpointError(
+            f"{folder} already holds checkpoints (latest: {found[-1][1].name}); pass --resume to continue "
+            "that run, or choose another --output folder"
+        )
+    for step, path in reversed(found):  # the newest readable one (writes are atomic; this is belt and braces)
+        try:
+            load_checkpoint(path)
+            return path
+        except CheckpointError as err:
+            log(f"warning: {err}; trying an older checkpoint")
+    raise CheckpointError(f"no readable checkpoint in {folder}")

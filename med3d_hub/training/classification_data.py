@@ -22,10 +22,7 @@ function of ``(seed, g, j)`` only, so a resumed or multi-process run draws the s
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,14 +31,19 @@ import torch
 
 from ..data.io import VolumeReadError, read_volume
 from ..data.preprocess import PAPER_PREPROCESS, Preprocess
-from .data import BadCaseWarning, DataError, MicroBatchPlan, default_cache_dir, fill_everywhere, is_cached, save_case
+from .cache import (
+    DataError, cache_root, fill_everywhere, fingerprint, forget_case, is_cached, report_bad, save_case, settings_folder,
+    source_folder,
+)
 from .distributed import DistContext
-from .finetune_config import ConfigError, FinetuneConfig
+from .config import ConfigError
+from .finetune_config import ClsFinetuneConfig
+from .sampling import MicroBatchPlan
 
 __all__ = ["ClsTask", "CsvRow", "LabelledVolumeDataset", "prepare_classification", "read_label_csv"]
 
 CACHE_VERSION = 1
-CLS_ARRAYS = (".npy",)  # a case is <case_id>.npy and <case_id>.json (see data.save_case)
+CLS_ARRAYS = (".npy",)  # a case is <case_id>.npy and <case_id>.json (see cache.py)
 _SPLITS = {"train": "train", "training": "train", "": "train", "val": "val", "valid": "val", "validation": "val",
            "test": "test"}
 
@@ -157,15 +159,6 @@ class ClsTask:
         return counts
 
 
-def _fingerprint(path: Path) -> list:
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        return [str(path.resolve()), len(files), sum(p.stat().st_size for p in files),
-                max((p.stat().st_mtime_ns for p in files), default=0)]
-    st = path.stat()
-    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
-
-
 def _split(rows: list[CsvRow], fraction: float, seed: int) -> dict[int, str]:
     """Line -> train/val/test: the file's split column, else a seeded split stratified by label."""
     if any(r.split is not None for r in rows):
@@ -184,7 +177,7 @@ def _split(rows: list[CsvRow], fraction: float, seed: int) -> dict[int, str]:
     return out
 
 
-def prepare_classification(cfg: FinetuneConfig, ctx: DistContext | None = None, log=print) -> list[ClsTask]:
+def prepare_classification(cfg: ClsFinetuneConfig, ctx: DistContext | None = None, log=print) -> list[ClsTask]:
     """Read and check the CSV, split it, fill the preprocessing cache; the same answer on every rank."""
     ctx = ctx or DistContext()
     rows, bad = read_label_csv(cfg.csv, cfg.num_classes)
@@ -197,20 +190,17 @@ def prepare_classification(cfg: FinetuneConfig, ctx: DistContext | None = None, 
     except ValueError as err:
         raise ConfigError(f"intensity/spacing: {err}") from err
     settings = {"version": CACHE_VERSION, **pre.to_dict()}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    csv_digest = hashlib.sha256(str(Path(cfg.csv).expanduser().resolve()).encode()).hexdigest()[:10]
-    cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    folder = cache_root / f"cls-{csv_digest}" / f"pre-{digest}"
+    folder = settings_folder(source_folder(cache_root(cfg.cache_dir), "cls", Path(cfg.csv)), settings)
 
     def fill(indices) -> dict[int, str]:
         failures = {}
         for k in indices:
             row = rows[k]
             try:
-                key = {**settings, "fingerprint": _fingerprint(row.path)}
+                key = {**settings, "fingerprint": fingerprint(row.path)}
                 if is_cached(folder, row.case_id, key, CLS_ARRAYS):
                     continue
-                (folder / f"{row.case_id}.json").unlink(missing_ok=True)
+                forget_case(folder, row.case_id)
                 image = pre(read_volume(row.path))[0].numpy()
                 if not np.isfinite(image).all():
                     raise VolumeReadError("the image holds NaN or infinite values")
@@ -222,15 +212,8 @@ def prepare_classification(cfg: FinetuneConfig, ctx: DistContext | None = None, 
     log(f"data: {cfg.csv}: {len(rows)} usable row(s); checking the preprocessing cache in {folder}")
     merged = fill_everywhere(ctx, len(rows), fill)
     bad = bad + [merged[k] for k in sorted(merged)]
-    if bad:
-        bad.sort(key=lambda m: int(m.split(":")[0].split()[1]))
-        if not cfg.skip_bad_cases:
-            shown = "\n".join(f"  {m}" for m in bad[:20])
-            more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-            raise DataError(f"{cfg.csv}: {len(bad)} bad row(s):\n{shown}{more}\n"
-                            "Fix or remove these rows, or pass --skip-bad-cases to train without them.")
-        for m in bad:
-            warnings.warn(f"skipping a bad row of {cfg.csv}: {m}", BadCaseWarning, stacklevel=2)
+    bad.sort(key=lambda m: int(m.split(":")[0].split()[1]))
+    report_bad(bad, cfg.skip_bad_cases, "row", str(cfg.csv))
     good = [r for k, r in enumerate(rows) if k not in merged]
     split = _split(good, cfg.val_fraction, cfg.seed)
     names = cfg.class_names or [str(c) for c in range(num_classes)]

@@ -1,4 +1,4 @@
-"""Classification validation (accuracy, balanced accuracy, ROC AUC) and the curves of a fine-tuning run.
+"""Classification validation: accuracy, balanced accuracy, ROC AUC.
 
 Validation volumes are dealt round-robin to the ranks and their class probabilities gathered on
 every rank, so the numbers do not depend on the number of processes. ROC AUC is the
@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..files import atomic_write
 from .classification_data import ClsTask
 from .distributed import DistContext
 
-__all__ = ["binary_auc", "classification_scores", "plot_finetune_curves", "validate_classification"]
+__all__ = ["binary_auc", "classification_scores", "validate_classification"]
 
 
 def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -96,36 +94,3 @@ def validate_classification(model, task: ClsTask, ctx: DistContext, *, batch_siz
     nll = F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(labels))
     out["val_loss"] = round(float(nll), 6)
     return out
-
-
-def plot_finetune_curves(records: list[dict], path: Path, task: str) -> None:
-    """Training loss and the validation metrics (Dice, or accuracy / balanced accuracy / AUC), one PNG."""
-    if task == "seg":
-        from .metrics import plot_curves
-
-        plot_curves(records, path)
-        return
-    from matplotlib.figure import Figure
-
-    train = [r for r in records if r.get("kind") == "train"]
-    val = [r for r in records if r.get("kind") == "val"]
-    fig = Figure(figsize=(11, 4), dpi=100)
-    ax_loss, ax_val = fig.subplots(1, 2)
-    if train:
-        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color="black", lw=1.5, label="train")
-    if val and any("val_loss" in r for r in val):
-        pts = [(r["step"], r["val_loss"]) for r in val if "val_loss" in r]
-        ax_loss.plot(*zip(*pts), marker="o", lw=1, label="validation")
-    ax_loss.set(title="loss (cross-entropy)", xlabel="step", ylabel="loss")
-    for key in ("accuracy", "balanced_accuracy", "auc"):
-        pts = [(r["step"], r[key]) for r in val if key in r]
-        if pts:
-            ax_val.plot(*zip(*pts), marker="o", lw=1, label=key.replace("_", " "))
-    ax_val.set(title="validation", xlabel="step", ylim=(0, 1))
-    for ax in (ax_loss, ax_val):
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_write(path) as f:
-        fig.savefig(f, format="png")

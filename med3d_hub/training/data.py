@@ -1,4 +1,5 @@
-"""MSD tasks for co-training: find the cases, check every one, preprocess once, sample crops.
+"""MSD segmentation tasks (the co-training and segmentation fine-tuning): find the cases, check every
+one, preprocess each once into the cache (``cache.py``).
 
 Layout read: the Medical Segmentation Decathlon's ``TaskXX_Name/dataset.json``, ``imagesTr/``,
 ``labelsTr/`` (NIfTI). Volumes are read with ``med3d_hub.data.io`` and so share its axis convention:
@@ -15,24 +16,13 @@ when either changes.
 
 Work is shared between ranks: case ``k`` of the run is checked and preprocessed by rank
 ``k % world_size``; every rank then sees the same list of good cases and the same median
-spacings, so all ranks agree on what is skipped or wrong.
-
-Sampling: the run is a sequence of micro-batches, each holding ``batch_size`` crops of a single
-task. Micro-batch ``g`` of the whole run belongs to the task at position ``g`` of a stream of
-shuffled cycles (each cycle lists task ``t`` ``weight_t`` times), and its crops are drawn from a
-random generator seeded by ``(seed, g, j)``. What a micro-batch holds is therefore a function of
-its index alone: independent of the number of processes and loader workers, and the data
-position of a checkpoint is just its step number.
+spacings, so all ranks agree on what is skipped or wrong. Crops are drawn by ``sampling.py``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import warnings
 import zlib
-from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,29 +32,21 @@ import torch.nn.functional as F
 
 from ..data.io import Volume, VolumeReadError, read_volume
 from ..data.preprocess import PAPER_PREPROCESS, Preprocess
-from ..errors import Med3DError
-from ..files import atomic_write, read_json
-from .config import ConfigError, TaskConfig, TrainConfig
+from ..files import read_json
+from .cache import (
+    DataError, cache_root, fill_everywhere, fingerprint, forget_case, is_cached, report_bad, save_case, settings_folder,
+    source_folder, write_json,
+)
+from .config import ConfigError, SegmentationSection, TaskConfig
 from .distributed import DistContext
 
-__all__ = [
-    "BadCaseWarning", "Case", "CropDataset", "DataError", "MicroBatchPlan", "PreparedTask",
-    "default_cache_dir", "discover_cases", "prepare_tasks",
-]
+__all__ = ["Case", "PreparedTask", "discover_cases", "prepare_tasks"]
 
 # Bump when the cached arrays would change for the same files and settings.
 CACHE_VERSION = 1
 # Foreground voxels kept per class and case for oversampling (a uniform sample of them).
 FG_SAMPLES_PER_CLASS = 10_000
 _NIFTI = (".nii.gz", ".nii")
-
-
-class DataError(Med3DError, ValueError):
-    """A task folder or case cannot be used; the message names the file."""
-
-
-class BadCaseWarning(UserWarning):
-    """A case skipped because of ``--skip-bad-cases``."""
 
 
 @dataclass(frozen=True)
@@ -101,13 +83,6 @@ class PreparedTask:
             np.load(self.array_path(case_id, "label"), mmap_mode=mode, allow_pickle=False),
             np.load(self.array_path(case_id, "fg"), allow_pickle=False),
         )
-
-
-def default_cache_dir() -> Path:
-    """The ``train/`` folder of the package's one cache root (``$MED3D_HUB_CACHE``, else ``$HF_HOME/med3d_hub``)."""
-    from ..weights.hub import cache_root
-
-    return cache_root() / "train"
 
 
 # -- task folders ------------------------------------------------------------------------------
@@ -211,11 +186,7 @@ def _read_image(path: Path, channel: int | None) -> Volume:
 
 
 def _fingerprint(case: Case) -> list:
-    out: list = []
-    for path in (case.image, case.label):
-        st = path.stat()
-        out += [str(path), st.st_size, st.st_mtime_ns]
-    return out
+    return fingerprint(case.image) + fingerprint(case.label)
 
 
 def _inspect(case: Case, num_classes: int, channel: int | None) -> dict:
@@ -249,16 +220,6 @@ def _inspect(case: Case, num_classes: int, channel: int | None) -> dict:
     return {"error": None, "shape": list(image.shape), "spacing": [float(s) for s in image.spacing]}
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    with atomic_write(path, "w") as f:
-        json.dump(obj, f)
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_write(path) as f:
-        np.save(f, array, allow_pickle=False)
-
-
 def _inspect_cached(case: Case, num_classes: int, channel: int | None, folder: Path) -> dict:
     record_path = folder / "inspect" / f"{case.case_id}.json"
     try:
@@ -270,14 +231,13 @@ def _inspect_cached(case: Case, num_classes: int, channel: int | None, folder: P
     if cached is not None and cached.get("key") == key:
         return cached["result"]
     result = _inspect(case, num_classes, channel)
-    _write_json(record_path, {"key": key, "result": result})
+    write_json(record_path, {"key": key, "result": result})
     return result
 
 
 def _preprocess(case: Case, channel: int | None, pre: Preprocess, out: Path, key: dict) -> None:
     """Resample, clip and z-score one case; write its arrays and then its metadata (the commit)."""
-    meta_path = out / f"{case.case_id}.json"
-    meta_path.unlink(missing_ok=True)  # the arrays below no longer match an older record
+    forget_case(out, case.case_id)
     image = pre(_read_image(case.image, channel))[0]
     label = torch.from_numpy(np.ascontiguousarray(read_volume(case.label).array).astype(np.uint8))
     if tuple(label.shape) != tuple(image.shape):
@@ -297,39 +257,8 @@ def _preprocess(case: Case, channel: int | None, pre: Preprocess, out: Path, key
     save_case(out, case.case_id, dict(zip(SEG_ARRAYS, (image.numpy(), label_np, fg))), {"key": key, "shape": list(image.shape)})
 
 
-# -- the preprocessing cache, shared with classification_data ---------------------------------------
-# A case is `<case_id>.json` ({"key": ...}, written last: the commit) beside its arrays.
-
+# A case in the cache (see cache.py): its preprocessed image, label and sampled foreground voxels.
 SEG_ARRAYS = (".image.npy", ".label.npy", ".fg.npy")
-
-
-def is_cached(folder: Path, case_id: str, key: dict, arrays: tuple[str, ...] = SEG_ARRAYS) -> bool:
-    """True when the case's record has this key and every one of its arrays is there."""
-    meta = read_json(folder / f"{case_id}.json")
-    return meta is not None and meta.get("key") == key and all((folder / f"{case_id}{a}").is_file() for a in arrays)
-
-
-def save_case(folder: Path, case_id: str, arrays: dict[str, np.ndarray], record: dict) -> None:
-    """Write a case's arrays, then its record (the commit): a reader sees a whole case or none."""
-    for suffix, array in arrays.items():
-        _save_npy(folder / f"{case_id}{suffix}", array)
-    _write_json(folder / f"{case_id}.json", record)
-
-
-def fill_everywhere(ctx: DistContext, count: int, fill: Callable[[Iterable[int]], dict[int, str]]) -> dict[int, str]:
-    """Run ``fill(indices) -> {index: error}`` over ``range(count)`` on every rank; the failures of all.
-
-    Each rank fills its share first, then what it still lacks (ranks on other nodes may not share the
-    cache folder), so that every rank ends with a complete cache and the same list of failures.
-    """
-    failures: dict[int, str] = {}
-    for part in ctx.all_gather_object(fill(range(ctx.rank, count, ctx.world_size))):
-        failures.update(part)
-    failures.update(fill(k for k in range(count) if k not in failures))
-    merged: dict[int, str] = {}
-    for part in ctx.all_gather_object(failures):
-        merged.update(part)
-    return merged
 
 
 # -- the whole run -----------------------------------------------------------------------------
@@ -346,7 +275,7 @@ class _TaskPlan:
     cases: list[Case]
 
 
-def _plan_task(cfg: TrainConfig, task: TaskConfig, cache_root: Path) -> _TaskPlan:
+def _plan_task(cfg: SegmentationSection, task: TaskConfig, root: Path) -> _TaskPlan:
     folder = cfg.task_path(task)
     if not folder.is_dir():
         raise DataError(
@@ -361,24 +290,7 @@ def _plan_task(cfg: TrainConfig, task: TaskConfig, cache_root: Path) -> _TaskPla
         intensity = Preprocess(intensity=task.intensity or PAPER_PREPROCESS["intensity"]).intensity
     except ValueError as err:
         raise ConfigError(f"task {task.name!r}: intensity: {err}") from err
-    digest = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:10]
-    cache = cache_root / f"{task.name}-{digest}"
-    return _TaskPlan(task, folder, cache, num_classes, names, channel, intensity, cases)
-
-
-def _report_bad(bad: list[tuple[str, str]], skip: bool) -> None:
-    if not bad:
-        return
-    if skip:
-        for task, error in bad:
-            warnings.warn(f"skipping a bad case of task {task!r}: {error}", BadCaseWarning, stacklevel=3)
-        return
-    shown = "\n".join(f"  [{task}] {error}" for task, error in bad[:20])
-    more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-    raise DataError(
-        f"{len(bad)} bad case(s) found while checking the data:\n{shown}{more}\n"
-        "Fix or remove these files, or pass --skip-bad-cases to train without them."
-    )
+    return _TaskPlan(task, folder, source_folder(root, task.name, folder), num_classes, names, channel, intensity, cases)
 
 
 def _split(case_ids: list[str], fraction: float, seed: int, task_index: int) -> tuple[list[str], list[str]]:
@@ -391,11 +303,14 @@ def _split(case_ids: list[str], fraction: float, seed: int, task_index: int) -> 
     return [c for c in case_ids if c not in val], [c for c in case_ids if c in val]
 
 
-def prepare_tasks(cfg: TrainConfig, ctx: DistContext | None = None, log=print) -> list[PreparedTask]:
-    """Check every case, compute the median spacings, fill the cache; the same answer on all ranks."""
+def prepare_tasks(cfg: SegmentationSection, ctx: DistContext | None = None, log=print) -> list[PreparedTask]:
+    """Check every case, compute the median spacings, fill the cache; the same answer on all ranks.
+
+    ``cfg`` is a config with the segmentation section (``TrainConfig``, ``SegFinetuneConfig``).
+    """
     ctx = ctx or DistContext()
-    cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    plans = [_plan_task(cfg, task, cache_root) for task in cfg.tasks]
+    root = cache_root(cfg.cache_dir)
+    plans = [_plan_task(cfg, task, root) for task in cfg.tasks]
     work = [(t, c) for t, plan in enumerate(plans) for c in range(len(plan.cases))]
 
     # 1. check every case (each rank its share), then share the results
@@ -407,8 +322,8 @@ def prepare_tasks(cfg: TrainConfig, ctx: DistContext | None = None, log=print) -
     results: dict[int, dict] = {}
     for part in ctx.all_gather_object(mine):
         results.update(part)
-    bad = [(plans[t].task.name, results[k]["error"]) for k, (t, c) in enumerate(work) if results[k]["error"]]
-    _report_bad(bad, cfg.skip_bad_cases)
+    report_bad([f"[{plans[t].task.name}] {results[k]['error']}" for k, (t, c) in enumerate(work) if results[k]["error"]],
+               cfg.skip_bad_cases, "case")
 
     # 2. per task: median spacing, settings key, good cases
     prepared, keys, pres = [], [], []
@@ -420,13 +335,12 @@ def prepare_tasks(cfg: TrainConfig, ctx: DistContext | None = None, log=print) -
         pre = Preprocess(spacing=spacing, intensity=plan.intensity)
         settings = {"version": CACHE_VERSION, "spacing": [round(s, 6) for s in spacing],
                     "intensity": plan.intensity, "channel": plan.channel}
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
         ids = [plan.cases[c].case_id for c, _ in good]
         train, val = _split(ids, cfg.val_fraction, cfg.seed, t)
         skipped = [plan.cases[c].case_id for k, (tt, c) in enumerate(work) if tt == t and results[k]["error"]]
         prepared.append(PreparedTask(
             index=t, name=plan.task.name, num_classes=plan.num_classes, class_names=plan.class_names,
-            crop=cfg.crop_for(plan.task), spacing=spacing, folder=plan.cache / f"pre-{digest}",
+            crop=cfg.crop_for(plan.task), spacing=spacing, folder=settings_folder(plan.cache, settings),
             weight=plan.task.weight, train=train, val=val, skipped=skipped,
         ))
         keys.append(settings)
@@ -443,7 +357,7 @@ def prepare_tasks(cfg: TrainConfig, ctx: DistContext | None = None, log=print) -
             case = plan.cases[c]
             try:
                 key = {**keys[t], "fingerprint": _fingerprint(case)}
-                if is_cached(task.folder, case.case_id, key):
+                if is_cached(task.folder, case.case_id, key, SEG_ARRAYS):
                     continue
                 _preprocess(case, plan.channel, pres[t], task.folder, key)
             except (VolumeReadError, OSError, ValueError, RuntimeError) as err:
@@ -451,7 +365,7 @@ def prepare_tasks(cfg: TrainConfig, ctx: DistContext | None = None, log=print) -
         return failures
 
     todo = sum(1 for k in range(len(work)) if not results[k]["error"])
-    log(f"data: {len(plans)} task(s), {todo} case(s); checking the preprocessing cache in {cache_root}")
+    log(f"data: {len(plans)} task(s), {todo} case(s); checking the preprocessing cache in {root}")
     failed = sorted(set(fill_everywhere(ctx, len(work), fill).values()))
     if failed:
         raise DataError("preprocessing failed:\n" + "\n".join(f"  {m}" for m in failed[:20]))
@@ -460,134 +374,3 @@ def prepare_tasks(cfg: TrainConfig, ctx: DistContext | None = None, log=print) -
             f"case(s), median spacing {tuple(round(s, 3) for s in task.spacing)} mm, crop {task.crop}"
             + (f", {len(task.skipped)} skipped" if task.skipped else ""))
     return prepared
-
-
-# -- sampling ------------------------------------------------------------------------------------
-
-class MicroBatchPlan:
-    """Which task each micro-batch of the run draws from; a pure function of the index.
-
-    Micro-batch ``g`` of step ``s`` is ``s * per_step + m`` for ``m`` in ``range(per_step)``,
-    ``per_step = world_size * accum_steps``; rank ``r`` runs ``m = r * accum_steps + i``.
-    """
-
-    def __init__(self, weights: Sequence[int], seed: int, per_step: int):
-        self.cycle = np.repeat(np.arange(len(weights)), weights)
-        self.seed = seed
-        self.per_step = per_step
-
-    def task_of(self, g: int) -> int:
-        cycle, pos = divmod(g, len(self.cycle))
-        order = np.random.default_rng([self.seed, 1, cycle]).permutation(len(self.cycle))
-        return int(self.cycle[order[pos]])
-
-    def rank_micro_batches(self, step: int, rank: int, accum_steps: int) -> list[int]:
-        first = step * self.per_step + rank * accum_steps
-        return list(range(first, first + accum_steps))
-
-
-class MicroBatchSampler:
-    """Yields ``[(g, 0), ..., (g, batch_size - 1)]`` for this rank's micro-batches from ``start_step``."""
-
-    def __init__(self, plan: MicroBatchPlan, start_step: int, steps: int, rank: int, accum_steps: int, batch_size: int):
-        self.plan, self.start, self.steps = plan, start_step, steps
-        self.rank, self.accum, self.batch_size = rank, accum_steps, batch_size
-
-    def __len__(self) -> int:
-        return max(0, self.steps - self.start) * self.accum
-
-    def __iter__(self):
-        for step in range(self.start, self.steps):
-            for g in self.plan.rank_micro_batches(step, self.rank, self.accum):
-                yield [(g, j) for j in range(self.batch_size)]
-
-
-def crop_box(shape: Sequence[int], crop: Sequence[int], rng: np.random.Generator, centre=None) -> list[int]:
-    """Start corner of a crop: uniform, or around ``centre``; axes shorter than the crop are centred."""
-    starts = []
-    for axis, (n, s) in enumerate(zip(shape, crop)):
-        if n <= s:
-            starts.append((n - s) // 2)
-        elif centre is None:
-            starts.append(int(rng.integers(0, n - s + 1)))
-        else:
-            starts.append(int(np.clip(int(centre[axis]) - s // 2, 0, n - s)))
-    return starts
-
-
-def read_crop(array: np.ndarray, start: Sequence[int], crop: Sequence[int]) -> np.ndarray:
-    """``array[start:start+crop]`` with zeros outside the volume (reads only the crop from a memmap)."""
-    out = np.zeros(tuple(crop), dtype=array.dtype)
-    src, dst = [], []
-    for st, s, n in zip(start, crop, array.shape):
-        lo, hi = max(st, 0), min(st + s, n)
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - st, hi - st))
-    out[tuple(dst)] = array[tuple(src)]
-    return out
-
-
-def _augmentations():
-    from monai.transforms import Compose, RandFlipd, RandGaussianNoised, RandScaleIntensityd, RandShiftIntensityd
-
-    keys = ["image", "label"]
-    return Compose(
-        [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(3)]
-        + [
-            RandScaleIntensityd("image", factors=0.1, prob=0.5),
-            RandShiftIntensityd("image", offsets=0.1, prob=0.5),
-            RandGaussianNoised("image", prob=0.15, mean=0.0, std=0.1),
-        ]
-    )
-
-
-def _plain_tensor(x) -> torch.Tensor:
-    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
-
-
-class CropDataset(torch.utils.data.Dataset):
-    """Item ``(g, j)``: crop ``j`` of micro-batch ``g``, as (1, D, H, W) image and label tensors.
-
-    With probability ``foreground_prob`` the crop is centred on a voxel of a foreground class
-    present in the case (each present class equally likely, so small structures are seen);
-    otherwise its position is uniform. Flips on all axes and mild intensity scale, shift and
-    noise (MONAI) follow when ``augment`` is on.
-    """
-
-    def __init__(self, tasks: list[PreparedTask], plan: MicroBatchPlan, seed: int, foreground_prob: float, augment: bool):
-        self.tasks, self.plan, self.seed = tasks, plan, seed
-        self.foreground_prob = foreground_prob
-        self.transform = _augmentations() if augment else None
-
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        g, j = key
-        task = self.tasks[self.plan.task_of(g)]
-        rng = np.random.default_rng([self.seed, 2, g, j])
-        case_id = task.train[int(rng.integers(len(task.train)))]
-        image, label, fg = task.load(case_id, mmap=True)
-        centre = None
-        if len(fg) and rng.random() < self.foreground_prob:
-            classes = np.unique(fg[:, 0])
-            points = fg[fg[:, 0] == rng.choice(classes)]
-            centre = points[int(rng.integers(len(points))), 1:]
-        start = crop_box(image.shape, task.crop, rng, centre)
-        sample = {
-            "image": torch.from_numpy(read_crop(image, start, task.crop))[None],
-            "label": torch.from_numpy(read_crop(label, start, task.crop))[None],
-        }
-        if self.transform is not None:
-            self.transform.set_random_state(seed=int(rng.integers(2**31)))
-            sample = {k: _plain_tensor(v) for k, v in self.transform(sample).items()}
-        sample["task"] = task.index
-        return sample
-
-
-def collate(samples: list[dict]) -> dict:
-    tasks = {s["task"] for s in samples}
-    if len(tasks) != 1:
-        raise RuntimeError(f"a micro-batch mixes tasks {sorted(tasks)}")
-    return {
-        "image": torch.stack([s["image"] for s in samples]).contiguous(),
-        "label": torch.stack([s["label"] for s in samples]).contiguous(),
-        "task": tasks.pop(),
-    }

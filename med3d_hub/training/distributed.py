@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..inference.runtime import resolve_device
 from .config import ConfigError
 
 __all__ = ["DistContext", "init_distributed", "pick_backend"]
@@ -76,18 +77,6 @@ class DistContext:
         self.initialised = False
 
 
-def _pick_device(preference: str, local_rank: int) -> torch.device:
-    if preference == "cpu":
-        return torch.device("cpu")
-    if preference == "auto" and not torch.cuda.is_available():
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"device {preference!r} was asked for, but torch sees no CUDA GPU; use --device cpu")
-    if preference.startswith("cuda:"):
-        return torch.device(preference)
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
-
-
 def pick_backend(preference: str, device: torch.device, local_world_size: int) -> str:
     """``auto``: NCCL when every process of the node has a GPU of its own, else gloo."""
     if preference == "nccl" and device.type != "cuda":
@@ -105,7 +94,7 @@ def init_distributed(device: str = "auto", timeout_min: float = 60.0, backend: s
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    dev = _pick_device(device, local_rank)
+    dev = resolve_device(device, local_rank=local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     ctx = DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev)

@@ -1,18 +1,20 @@
 """Fine-tuning as a job of the co-training engine: same loop, DDP, AMP, checkpoints, resume and metrics.
 
-``med3d_hub.training.engine.train(cfg, resume, job=FinetuneJob())`` runs the loop; this job supplies
+``finetune(cfg)`` runs ``engine.train`` with the job of the config's task type: ``SegFinetuneJob``
+or ``ClsFinetuneJob``, both a ``FinetuneJob``. What they share:
 
-- the data: one MSD task through the co-training's checks, cache and crop sampling
-  (segmentation), or the CSV reader of ``finetune.data`` (classification);
 - the network: ``FinetuneNet`` (the encoder with ``cfg.pretrained`` loaded strictly, a new head);
-- the loss: Dice + cross-entropy (as the co-training) or cross-entropy with optional class weights;
 - the optimiser: two named groups, ``encoder`` and ``new_layers``, both at ``lr``; the schedule
   multiplies each by its ``lr_scale`` (``new_layers_lr_mult`` for the new layers, 0 for an encoder
   frozen for ``freeze_epochs``), so the multiplier is applied once;
-- the validation: sliding-window Dice per class, or accuracy, balanced accuracy and ROC AUC;
 - the results: ``model.safetensors`` + ``config.json`` (a zoo model, which ``med3d publish``
   takes as a model folder, with ``training_config.yaml``, ``metrics.jsonl`` and ``curves.png``),
   and ``finetuned.safetensors`` (the whole network, for ``load_finetuned``).
+
+By task type: segmentation keeps the co-training's data (one MSD task through its checks, cache
+and crop sampling), its Dice + cross-entropy loss and sliding-window Dice per class;
+classification reads a CSV of labelled volumes (``classification_data.py``), uses cross-entropy
+with optional class weights, and reports accuracy, balanced accuracy and ROC AUC.
 """
 
 from __future__ import annotations
@@ -26,12 +28,18 @@ from torch import nn
 from ..weights.finetuned import FINETUNED_NAME, TRAINING_CONFIG_NAME as CONFIG_NAME
 from .config import ConfigError
 from .engine import Job, train
-from .finetune_config import FinetuneConfig
+from .finetune_config import ClsFinetuneConfig, FinetuneConfig, SegFinetuneConfig
 
-__all__ = ["FINETUNED_NAME", "FinetuneJob", "finetune", "load_finetuned"]
+__all__ = ["FINETUNED_NAME", "ClsFinetuneJob", "FinetuneJob", "SegFinetuneJob", "finetune", "load_finetuned"]
 
 
 class FinetuneJob(Job):
+    """What both fine-tunings share: the starting weights, two learning rates, a frozen encoder, the results.
+
+    The data, loss and validation come by task type: ``SegFinetuneJob`` keeps the co-training's
+    (``Job``), ``ClsFinetuneJob`` has its own.
+    """
+
     config_name = CONFIG_NAME
     resume_keys = ("task", "pretrained", "decoder", "csv", "num_classes", "class_weights", "intensity", "spacing",
                    "drop_rate")
@@ -42,15 +50,12 @@ class FinetuneJob(Job):
         self.log = print
         self.device = torch.device("cpu")
 
+    head = "a new head"  # for the log line
+
     # -- data ------------------------------------------------------------------------------------
     def prepare(self, cfg: FinetuneConfig, ctx, log) -> list:
         self.log, self.device = log, ctx.device
-        if cfg.task == "seg":
-            tasks = super().prepare(cfg, ctx, log)
-        else:
-            from .classification_data import prepare_classification
-
-            tasks = prepare_classification(cfg, ctx, log)
+        tasks = self.prepare_data(cfg, ctx, log)
         task = tasks[0]
         if not task.val:
             log("note: no validation cases (val_fraction is 0 or there is a single case); no validation metrics")
@@ -60,32 +65,18 @@ class FinetuneJob(Job):
         weights = "random weights (from scratch)" if cfg.scratch else f"pretrained {cfg.pretrained}"
         new = "" if cfg.scratch else f", new layers x{cfg.new_layers_lr_mult:g}"
         frozen = f", encoder frozen for {self.freeze_steps} step(s)" if self.freeze_steps else ""
-        head = f"{cfg.decoder} decoder" if cfg.task == "seg" else "GAP + linear classifier"
-        log(f"fine-tune: {cfg.model} encoder ({weights}) + {head}; {cfg.optimizer} lr {cfg.lr:g}{new}{frozen}; "
+        log(f"fine-tune: {cfg.model} encoder ({weights}) + {self.head}; {cfg.optimizer} lr {cfg.lr:g}{new}{frozen}; "
             f"1 epoch = {steps_per_epoch} step(s)")
         return tasks
 
-    def dataset(self, cfg: FinetuneConfig, tasks: list, plan):
-        if cfg.task == "seg":
-            return super().dataset(cfg, tasks, plan)
-        from .classification_data import LabelledVolumeDataset
-
-        return LabelledVolumeDataset(tasks, plan, cfg.seed, cfg.augment)
+    def prepare_data(self, cfg: FinetuneConfig, ctx, log) -> list:
+        return super().prepare(cfg, ctx, log)
 
     # -- network, loss, optimiser ----------------------------------------------------------------------
     def build_model(self, cfg: FinetuneConfig, tasks: list) -> nn.Module:
         from .finetune_model import build_finetune_net
 
         return build_finetune_net(cfg, tasks[0].num_classes)
-
-    def loss_fn(self, cfg: FinetuneConfig, tasks: list):
-        if cfg.task == "seg":
-            return super().loss_fn(cfg, tasks)
-        weights = class_weights(cfg, tasks[0])
-        if weights is not None:
-            self.log(f"class weights of the cross-entropy: {[round(w, 4) for w in weights]}")
-            return nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=self.device))
-        return nn.CrossEntropyLoss()
 
     def optimizer(self, cfg: FinetuneConfig, model: nn.Module) -> torch.optim.Optimizer:
         groups = []
@@ -118,28 +109,7 @@ class FinetuneJob(Job):
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
 
-    # -- validation, curves, results -----------------------------------------------------------------
-    def validate(self, cfg: FinetuneConfig, model: nn.Module, tasks: list, ctx, autocast) -> tuple[dict, str]:
-        if cfg.task == "seg":
-            scores, _ = super().validate(cfg, model, tasks, ctx, autocast)
-            task = tasks[0]
-            per_class = ", ".join(f"{name} {scores[f'dice/{task.name}/{name}']:.3f}"
-                                  for name in task.class_names[1:] if f"dice/{task.name}/{name}" in scores)
-            return scores, f"Dice {scores.get('dice_mean', float('nan')):.3f} ({per_class})"
-        from .classification_eval import validate_classification
-
-        scores = validate_classification(model, tasks[0], ctx, batch_size=cfg.sw_batch_size, max_cases=cfg.val_max_cases,
-                                         autocast=autocast, channels_last=cfg.channels_last)
-        return scores, (f"accuracy {scores['accuracy']:.3f}, balanced accuracy {scores['balanced_accuracy']:.3f}, "
-                        f"AUC {scores.get('auc', float('nan')):.3f}")
-
-    def plot(self, metrics) -> None:
-        if metrics.enabled:
-            from .classification_eval import plot_finetune_curves
-
-            task = "cls" if any("accuracy" in r for r in metrics.records) else "seg"
-            plot_finetune_curves(metrics.records, metrics.png, task)
-
+    # -- results ---------------------------------------------------------------------------------------
     def finish(self, cfg: FinetuneConfig, model: nn.Module, tasks: list, out: Path, metrics, log) -> None:
         from ..files import atomic_write
         from ..weights.model_files import file_state_dict, write_model_files
@@ -160,6 +130,52 @@ class FinetuneJob(Job):
             f"{metrics.path}, curves {metrics.png}; publish with `med3d publish {out} ...`")
 
 
+class SegFinetuneJob(FinetuneJob):
+    """Segmentation: the co-training's MSD data, Dice + cross-entropy loss and sliding-window Dice."""
+
+    def prepare(self, cfg: SegFinetuneConfig, ctx, log) -> list:
+        self.head = f"{cfg.decoder} decoder"
+        return super().prepare(cfg, ctx, log)
+
+    def validate(self, cfg: SegFinetuneConfig, model: nn.Module, tasks: list, ctx, autocast) -> tuple[dict, str]:
+        scores, _ = super().validate(cfg, model, tasks, ctx, autocast)
+        task = tasks[0]
+        per_class = ", ".join(f"{name} {scores[f'dice/{task.name}/{name}']:.3f}"
+                              for name in task.class_names[1:] if f"dice/{task.name}/{name}" in scores)
+        return scores, f"Dice {scores.get('dice_mean', float('nan')):.3f} ({per_class})"
+
+
+class ClsFinetuneJob(FinetuneJob):
+    """Classification: a CSV of labelled volumes, cross-entropy (optionally weighted), accuracy and AUC."""
+
+    head = "GAP + linear classifier"
+
+    def prepare_data(self, cfg: ClsFinetuneConfig, ctx, log) -> list:
+        from .classification_data import prepare_classification
+
+        return prepare_classification(cfg, ctx, log)
+
+    def dataset(self, cfg: ClsFinetuneConfig, tasks: list, plan):
+        from .classification_data import LabelledVolumeDataset
+
+        return LabelledVolumeDataset(tasks, plan, cfg.seed, cfg.augment)
+
+    def loss_fn(self, cfg: ClsFinetuneConfig, tasks: list):
+        weights = class_weights(cfg, tasks[0])
+        if weights is not None:
+            self.log(f"class weights of the cross-entropy: {[round(w, 4) for w in weights]}")
+            return nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=self.device))
+        return nn.CrossEntropyLoss()
+
+    def validate(self, cfg: ClsFinetuneConfig, model: nn.Module, tasks: list, ctx, autocast) -> tuple[dict, str]:
+        from .classification_eval import validate_classification
+
+        scores = validate_classification(model, tasks[0], ctx, batch_size=cfg.sw_batch_size, max_cases=cfg.val_max_cases,
+                                         autocast=autocast, channels_last=cfg.channels_last)
+        return scores, (f"accuracy {scores['accuracy']:.3f}, balanced accuracy {scores['balanced_accuracy']:.3f}, "
+                        f"AUC {scores.get('auc', float('nan')):.3f}")
+
+
 def _new_layers_scale(cfg: FinetuneConfig) -> float:
     """From scratch every layer is new, so all share ``lr``."""
     return 1.0 if cfg.scratch else float(cfg.new_layers_lr_mult)
@@ -171,7 +187,7 @@ def _safetensors_bytes(state: dict, meta: dict) -> bytes:
     return save(state, metadata=meta)
 
 
-def class_weights(cfg: FinetuneConfig, task) -> list[float] | None:
+def class_weights(cfg: ClsFinetuneConfig, task) -> list[float] | None:
     if cfg.class_weights is None:
         return None
     if cfg.class_weights == "balanced":
@@ -195,7 +211,8 @@ def _preprocess_of(cfg: FinetuneConfig, task) -> dict:
 
 def finetune(cfg: FinetuneConfig, resume: bool | str | None = None, quiet: bool = False) -> int:
     """Run (or continue) a fine-tuning; returns the process exit status (``quiet``: no progress lines)."""
-    return train(cfg, resume=resume, job=FinetuneJob(), quiet=quiet)
+    job = SegFinetuneJob() if isinstance(cfg, SegFinetuneConfig) else ClsFinetuneJob()
+    return train(cfg, resume=resume, job=job, quiet=quiet)
 
 
 def load_finetuned(run: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:

@@ -28,7 +28,9 @@ def build_finetune_net(cfg: FinetuneConfig, num_classes: int) -> FinetuneNet:
         raise UsageError(f"model {cfg.model!r}: give the architecture as model and the weights as pretrained ({tag!r})")
     name, pretrained = resolve_pretrained(arch, cfg.pretrained)
     encoder = create_model(name, pretrained=pretrained, num_classes=0)
-    return FinetuneNet(encoder, cfg.task, num_classes, cfg.decoder, cfg.drop_rate)
+    if cfg.task == "seg":
+        return FinetuneNet(encoder, "seg", num_classes, decoder=cfg.decoder)
+    return FinetuneNet(encoder, "cls", num_classes, drop_rate=cfg.drop_rate)
 
 
 def to_zoo_model(net: FinetuneNet) -> nn.Module:

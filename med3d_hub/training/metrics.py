@@ -86,30 +86,40 @@ class MetricsLogger:
             self.writer = None
 
 
+# Validation scores drawn on the right-hand panel besides the Dice of each task (classification).
+_SCORES = ("accuracy", "balanced_accuracy", "auc")
+
+
 def plot_curves(records: list[dict], path: Path) -> None:
-    """Training losses (total and per task) and validation Dice per task, as one PNG."""
+    """The run's curves as one PNG: the training loss (total and per task) with the validation loss
+    when there is one, and the validation scores (Dice per task, or accuracy, balanced accuracy, AUC)."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     train = [r for r in records if r.get("kind") == "train"]
     val = [r for r in records if r.get("kind") == "val"]
     fig = Figure(figsize=(11, 4), dpi=100)
-    ax_loss, ax_dice = fig.subplots(1, 2)
+    ax_loss, ax_val = fig.subplots(1, 2)
     if train:
-        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color="black", lw=1.5, label="all")
-        for key in sorted({k for r in train for k in r if k.startswith("loss/")}):
-            pts = [(r["step"], r[key]) for r in train if key in r]
-            ax_loss.plot(*zip(*pts), lw=1, label=key.split("/", 1)[1])
-    ax_loss.set(title="training loss (Dice + CE)", xlabel="step", ylabel="loss")
-    ax_loss.grid(alpha=0.3)
-    if val:
-        for key in sorted({k for r in val for k in r if k.startswith("dice/") and k.count("/") == 1}):
-            pts = [(r["step"], r[key]) for r in val if key in r]
-            ax_dice.plot(*zip(*pts), marker="o", lw=1, label=key.split("/", 1)[1])
-    ax_dice.set(title="validation Dice (foreground classes)", xlabel="step", ylabel="Dice", ylim=(0, 1))
-    ax_dice.grid(alpha=0.3)
-    for ax in (ax_loss, ax_dice):
+        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color="black", lw=1.5, label="train")
+    for key in sorted({k for r in train for k in r if k.startswith("loss/")}):
+        ax_loss.plot(*_series(train, key), lw=1, label=key.split("/", 1)[1])
+    if any("val_loss" in r for r in val):
+        ax_loss.plot(*_series(val, "val_loss"), marker="o", lw=1, label="validation")
+    ax_loss.set(title="loss", xlabel="step", ylabel="loss")
+    dice = sorted({k for r in val for k in r if k.startswith("dice/") and k.count("/") == 1})
+    for key in dice + [k for k in _SCORES if any(k in r for r in val)]:
+        ax_val.plot(*_series(val, key), marker="o", lw=1, label=key.split("/", 1)[-1].replace("_", " "))
+    ax_val.set(title="validation Dice (foreground classes)" if dice else "validation", xlabel="step",
+               ylabel="Dice" if dice else "score", ylim=(0, 1))
+    for ax in (ax_loss, ax_val):
+        ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_write(path) as f:
         fig.savefig(f, format="png")
+
+
+def _series(records: list[dict], key: str) -> tuple[list, list]:
+    points = [(r["step"], r[key]) for r in records if key in r]
+    return [p[0] for p in points], [p[1] for p in points]

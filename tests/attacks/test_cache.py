@@ -133,7 +133,7 @@ def test_cache_lists_and_clears_by_kind(two_sets, our_cache, capsys):
 
 
 def test_one_cache_root_for_weights_and_training(monkeypatch, tmp_path):
-    from med3d_hub.training.data import default_cache_dir
+    from med3d_hub.training.cache import default_cache_dir
 
     monkeypatch.delenv("MED3D_CACHE", raising=False)
     monkeypatch.setenv("MED3D_HUB_CACHE", str(tmp_path / "root"))
@@ -146,7 +146,7 @@ def test_one_cache_root_for_weights_and_training(monkeypatch, tmp_path):
 
 
 def test_the_old_variable_still_works_with_a_warning(monkeypatch, tmp_path, caplog):
-    from med3d_hub.training.data import default_cache_dir
+    from med3d_hub.training.cache import default_cache_dir
 
     monkeypatch.delenv("MED3D_HUB_CACHE", raising=False)
     monkeypatch.setenv("MED3D_CACHE", str(tmp_path / "old"))
