@@ -2,7 +2,10 @@
 
 The segmentation run is small (resnet10 from scratch, 16^3 crops, 300 steps, one thread) but
 real: the held-out scan is larger than the crop, stored in another voxel order with a non-identity
-affine, and its mask must come back on that grid with Dice > 0.8 against its label.
+affine, and its mask must come back on that grid with Dice > 0.8 against its label. Training and
+held-out cases come from one distribution: (24, 26, 24) voxels holding a blob of semi-axes 6-9
+voxels, large next to the 8-voxel output stride of the paper's decoder (blobs that scale with the
+case size would differ in size, and in share of the volume, between training and held-out).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from med3d_hub.inference.sliding_window import sliding_window  # noqa: E402
 from med3d_hub.training.synthetic import make_synthetic_task  # noqa: E402
 from med3d_hub.training.synthetic_classification import make_synthetic_classification  # noqa: E402
 
+CASE_SHAPE, BLOB_RADIUS = (24, 26, 24), (6.0, 9.0)
 COMMON = ["--model", "resnet10", "--pretrained", "none", "--crop", "16", "16", "16", "--workers", "0",
           "--device", "cpu", "-q"]
 
@@ -52,13 +56,15 @@ def _reoriented(path: Path, out: Path) -> Path:
 
 def _held_out(root: Path) -> dict:
     """A held-out case larger than the crop, stored in P, S, L voxel order with a shifted origin."""
-    held = make_synthetic_task(root / "held", "Held", num_classes=2, num_cases=1, shape=(36, 40, 38), seed=11)
+    held = make_synthetic_task(root / "held", "Held", num_classes=2, num_cases=1, shape=CASE_SHAPE, seed=11,
+                               radius=BLOB_RADIUS)
     return {"image": _reoriented(held / "imagesTr" / "held_000.nii.gz", root / "scan.nii.gz"),
             "label": _reoriented(held / "labelsTr" / "held_000.nii.gz", root / "label.nii.gz")}
 
 
 def _seg_task(root: Path) -> Path:
-    task = make_synthetic_task(root / "data", "Blob", num_classes=2, num_cases=6, shape=(20, 22, 20), seed=5)
+    task = make_synthetic_task(root / "data", "Blob", num_classes=2, num_cases=6, shape=CASE_SHAPE, seed=5,
+                               radius=BLOB_RADIUS)
     meta = json.loads((task / "dataset.json").read_text())
     meta["labels"] = {"0": "background", "1": "blob"}
     (task / "dataset.json").write_text(json.dumps(meta))

@@ -38,10 +38,13 @@ def write_case(folder: Path, case_id: str, image_dhw: np.ndarray, label_dhw: np.
         nib.save(nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), affine), path)
 
 
-def _ellipsoid(shape, rng) -> np.ndarray:
+def _ellipsoid(shape, rng, radius: tuple[float, float] | None = None) -> np.ndarray:
     grids = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij")
     centre = [rng.uniform(0.3 * n, 0.7 * n) for n in shape]
-    radii = [rng.uniform(0.12 * n, 0.25 * n) for n in shape]
+    if radius is None:
+        radii = [rng.uniform(0.12 * n, 0.25 * n) for n in shape]
+    else:
+        radii = [rng.uniform(*radius) for _ in shape]
     return sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii)) <= 1.0
 
 
@@ -54,8 +57,13 @@ def make_synthetic_task(
     spacing: Sequence[float] = (2.0, 1.0, 1.0),
     seed: int = 0,
     folder_name: str | None = None,
+    radius: tuple[float, float] | None = None,
 ) -> Path:
-    """Write an MSD task with ``num_classes`` classes (background included); returns its folder."""
+    """Write an MSD task with ``num_classes`` classes (background included); returns its folder.
+
+    ``radius``: (low, high) semi-axes of the shapes in voxels, the same for every case size (so
+    cases of different sizes hold shapes of one size); default: 12-25 % of each case's extent.
+    """
     if num_classes < 2:
         raise UsageError(f"num_classes counts the background and must be >= 2, got {num_classes}")
     if num_cases < 1:
@@ -70,7 +78,7 @@ def make_synthetic_task(
         case_spacing = [s * j for s, j in zip(spacing, jitter)]
         label = np.zeros(case_shape, dtype=np.uint8)
         for cls in range(1, num_classes):
-            label[_ellipsoid(case_shape, rng)] = cls
+            label[_ellipsoid(case_shape, rng, radius)] = cls
         means = np.linspace(0.0, 1.0, num_classes)[label]
         image = means + rng.normal(0.0, 0.15, size=case_shape)
         image = (image * rng.uniform(200, 400) + rng.uniform(-100, 100)).astype(np.float32)
