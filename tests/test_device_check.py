@@ -23,7 +23,8 @@ STEPS = ["environment", "cuda_tests", "cotrain_resume", "cotrain_2proc", "finetu
          "benchmark"]
 
 
-@pytest.mark.timeout(1800)  # a few minutes on a quiet 2-core machine; far more on a busy one
+@pytest.mark.slow  # 3.5 minutes on a quiet 2-core machine; most steps are tested on their own. Run it before a GPU run
+@pytest.mark.timeout(1800)
 def test_the_cpu_dry_run_passes_every_step(tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
