@@ -26,12 +26,7 @@ from med3d_hub.training.synthetic_classification import make_synthetic_classific
 COMMON = ["--model", "resnet10", "--crop", "16", "16", "16", "--workers", "0", "--device", "cpu", "--set", "log_every=1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

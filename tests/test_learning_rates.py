@@ -43,12 +43,7 @@ def schedule_rate(s: int, *, lr: float, steps: int, warmup_steps: int, warmup_lr
     return lr
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

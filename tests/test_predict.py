@@ -34,12 +34,7 @@ COMMON = ["--model", "resnet10", "--pretrained", "none", "--crop", "16", "16", "
           "--device", "cpu", "-q"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _reoriented(path: Path, out: Path) -> Path:
