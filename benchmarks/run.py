@@ -701,7 +701,7 @@ def render_markdown(report: dict) -> str:
     if "features" in res:
         lines += ["", "### `med3d features` end to end (NIfTI, int16 gzip, MNI152 template)", "",
                   "| model | volumes | file voxels -> network input | total s | forward s | outside network | "
-                  "read+preprocess busy s | model load + prepare s | startup (imports) s | peak RSS GB |",
+                  "network waits for data s | model load + prepare s | startup (imports) s | peak RSS GB |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["features"]["rows"]:
             if not r["ok"]:
@@ -709,7 +709,7 @@ def render_markdown(report: dict) -> str:
                 continue
             lines.append(f"| {r['arch']} | {r['volumes']} | {_shape(r['volume_shape'])} -> {_shape(r['network_input'])} | "
                          f"{r['total_s']:.2f} | {r['forward_s']:.2f} | {100 * r['outside_share']:.0f}% "
-                         f"({100 * r['outside_share_with_startup']:.0f}% with startup) | {r['read_preprocess_busy_s']:.2f} | "
+                         f"({100 * r['outside_share_with_startup']:.0f}% with startup) | {r['waiting_for_data_s']:.2f} | "
                          f"{r['load_model_s'] + r['prepare_s']:.2f} | {r['import_s']:.2f} | {_gb(r['peak_bytes'])} |")
     if "train" in res:
         where = "CPU" if report.get("device", "cpu") == "cpu" else f"{report['device']}, AMP bf16, channels_last_3d"

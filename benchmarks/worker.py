@@ -272,7 +272,7 @@ def job_features(job: dict) -> dict:
 
     import_s = time.perf_counter() - start
     threads = _setup_threads(job.get("threads"))
-    spent = {"forward": 0.0, "read_preprocess": 0.0, "prepare": 0.0, "load_model": 0.0, "calls": 0}
+    spent = {"forward": 0.0, "waiting_for_data": 0.0, "prepare": 0.0, "load_model": 0.0, "calls": 0}
 
     def timed(fn, key):
         def wrapper(*args, **kwargs):
@@ -286,12 +286,25 @@ def job_features(job: dict) -> dict:
 
         return wrapper
 
-    forward, load, prepare, load_model = features._forward, features._load, features._prepare, command.load_model
+    def waited(read_ahead):  # the time the network's loop waits for the next read volume
+        def wrapper(*args, **kwargs):
+            stream = read_ahead(*args, **kwargs)
+            while True:
+                begin = time.perf_counter()
+                item = next(stream, None)
+                spent["waiting_for_data"] += time.perf_counter() - begin
+                if item is None:
+                    return
+                yield item
+
+        return wrapper
+
+    forward, read, prepare, load_model = features._forward, features.read_ahead, features._prepare, command.load_model
     results = []
     for i, argv in enumerate([job["warm_argv"], job["argv"]]):
-        for key in ("forward", "read_preprocess", "prepare", "load_model", "calls"):
+        for key in ("forward", "waiting_for_data", "prepare", "load_model", "calls"):
             spent[key] = 0
-        features._forward, features._load = timed(forward, "forward"), timed(load, "read_preprocess")
+        features._forward, features.read_ahead = timed(forward, "forward"), waited(read)
         features._prepare, command.load_model = timed(prepare, "prepare"), timed(load_model, "load_model")
         try:
             exact_peak = reset_peak()
@@ -299,7 +312,7 @@ def job_features(job: dict) -> dict:
             code = cli.main(argv)
             total = time.perf_counter() - begin
         finally:
-            features._forward, features._load, features._prepare, command.load_model = forward, load, prepare, load_model
+            features._forward, features.read_ahead, features._prepare, command.load_model = forward, read, prepare, load_model
         if code != 0:
             raise RuntimeError(f"med3d {' '.join(argv)} exited with {code}")
         results.append({"total_s": total, **spent, "peak_bytes": peak_bytes() if exact_peak else None})
@@ -314,7 +327,7 @@ def job_features(job: dict) -> dict:
         "outside_network_s": total - timed_run["forward"],
         "outside_share": (total - timed_run["forward"]) / total,
         "outside_share_with_startup": (total + import_s - timed_run["forward"]) / (total + import_s),
-        "read_preprocess_busy_s": timed_run["read_preprocess"],
+        "waiting_for_data_s": timed_run["waiting_for_data"],
         "load_model_s": timed_run["load_model"],
         "prepare_s": timed_run["prepare"],
         "first_run_total_s": results[0]["total_s"],

@@ -278,8 +278,9 @@ def test_extract_features_on_the_device_matches_the_cpu():
     arrays = [np.asarray(volume(7 + i, SHAPE[2:])) * 100 + 300 for i in range(3)]
     preprocess = {"spacing": None, "intensity": {"method": "percentile_zscore"}, "crop_foreground": False, "size": [16, 24, 24]}
     expected = extract_features(model, arrays, preprocess=preprocess, device="cpu", fast=False)
-    for fast in (False, True):
-        got = extract_features(model, arrays, preprocess=preprocess, device=DEVICE, fast=fast, batch_size=2)
+    for fast, workers in ((False, 0), (True, 2)):  # workers: reading processes, pinned memory on CUDA
+        got = extract_features(model, arrays, preprocess=preprocess, device=DEVICE, fast=fast, batch_size=2,
+                               workers=workers)
         assert_close(torch.from_numpy(got), torch.from_numpy(expected), FP32_TOL, f"extract_features fast={fast}")
     got = extract_features(model, arrays, preprocess=preprocess, device=DEVICE, amp="bf16", force_amp=True, batch_size=2)
     assert_close(torch.from_numpy(got), torch.from_numpy(expected), BF16_TOL, "extract_features bf16")

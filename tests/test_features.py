@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -130,17 +131,46 @@ def test_one_bad_input_is_reported_in_place(model, scans):
     assert [name for name, _ in caught.value.failures] == [scans["broken"], "missing.nii.gz"]
 
 
-def test_reading_runs_ahead_in_worker_threads(model):
-    seen = []
+class PidRecipe:
+    """SMALL, noting which process ran it (a module-level class: spawned workers unpickle it)."""
 
-    def recipe(volume):
-        seen.append(threading.current_thread().name)
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __call__(self, volume):
+        (self.folder / f"{os.getpid()}-{os.path.basename(volume.source)}").touch()
         return SMALL(volume)
 
-    vols = [np.full((8, 16, 16), float(i)) for i in range(4)]
-    out = extract_features(model, vols, preprocess=recipe, workers=2)
-    assert out.shape == (4, 512)
-    assert seen and all(name.startswith("med3d-read") for name in seen)
+
+@pytest.fixture(params=["fork", "spawn"])
+def start_method(request):
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method(request.param, force=True)
+    yield request.param
+    multiprocessing.set_start_method(before, force=True)
+
+
+def test_reading_runs_ahead_in_worker_processes(model, tmp_path, start_method):
+    paths = []
+    for i in range(4):
+        paths.append(str(tmp_path / f"v{i}.npy"))
+        np.save(paths[-1], np.random.default_rng(i).normal(size=(8, 16, 16)).astype(np.float32))
+    (tmp_path / "seen").mkdir()
+    out = extract_features(model, paths, preprocess=PidRecipe(tmp_path / "seen"), workers=2)
+    here = extract_features(model, paths, preprocess=SMALL, workers=0)
+    np.testing.assert_allclose(out, here, rtol=1e-5, atol=1e-6)  # same rows, same order
+    runs = [name.split("-", 1) for name in os.listdir(tmp_path / "seen")]
+    assert sorted(f for _, f in runs) == [f"v{i}.npy" for i in range(4)]
+    assert os.getpid() not in {int(pid) for pid, _ in runs} and len({pid for pid, _ in runs}) <= 2
+
+
+def test_a_preprocessing_that_cannot_be_pickled_is_refused_before_reading(model, start_method):
+    if start_method == "fork":  # a forked worker inherits it
+        assert extract_features(model, [np.ones((8, 16, 16))], preprocess=lambda v: SMALL(v), workers=1).shape == (1, 512)
+        return
+    with pytest.raises(ValueError, match="worker processes.*workers=0"):
+        extract_features(model, ["never-read.nii.gz"], preprocess=lambda v: SMALL(v), workers=1)
+    assert extract_features(model, [np.ones((8, 16, 16))], preprocess=lambda v: SMALL(v), workers=0).shape == (1, 512)
 
 
 def test_arrays_volumes_and_single_inputs(model, scans):

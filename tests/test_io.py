@@ -141,6 +141,33 @@ def test_nifti_singleton_fourth_axis_is_squeezed(tmp_path, template):
     np.testing.assert_array_equal(volume.array, canonical(data))
 
 
+@pytest.mark.parametrize("axcodes", ["RAS", "LPS"])
+def test_scaled_nifti_is_float32_never_float64(tmp_path, template, axcodes):
+    """uint16 + scl_slope/scl_inter (a common CT encoding): nibabel scales in float64, we in float32."""
+    data, affine = template
+    stored = (data.astype(np.uint16) * 7 + 3).astype(np.uint16)
+    image = nib.Nifti1Image(stored, affine)
+    image = image.as_reoriented(nib.orientations.ornt_transform(
+        nib.orientations.axcodes2ornt("RAS"), nib.orientations.axcodes2ornt(axcodes)))
+    image.header.set_data_dtype(np.uint16)
+    image.header.set_slope_inter(0.5, -1024.0)
+    nib.save(image, tmp_path / "ct.nii.gz")
+    assert nib.load(tmp_path / "ct.nii.gz").get_fdata().dtype == np.float64  # what nibabel gives
+    volume = read_volume(tmp_path / "ct.nii.gz")
+    assert volume.array.dtype == np.float32 and volume.array.flags.c_contiguous
+    np.testing.assert_array_equal(volume.array, canonical(stored * 0.5 - 1024.0).astype(np.float32))
+    raw = read_volume(write_nifti(tmp_path / "raw.nii.gz", stored, affine))  # unscaled: the stored dtype
+    assert raw.array.dtype == np.uint16
+    np.testing.assert_array_equal(raw.array, canonical(stored))
+
+
+def test_float64_arrays_are_read_as_float32(tmp_path, template):
+    data, affine = template
+    assert read_volume(write_nifti(tmp_path / "f64.nii.gz", data.astype(np.float64), affine)).array.dtype == np.float32
+    np.save(tmp_path / "f64.npy", data.astype(np.float64))
+    assert read_volume(tmp_path / "f64.npy").array.dtype == np.float32
+
+
 # --- DICOM -----------------------------------------------------------------------------------
 
 

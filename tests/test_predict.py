@@ -183,16 +183,15 @@ def test_preprocessing_steps_are_undone_on_the_scans_grid():
     array[10:15, 12:20, 15:22] = 5.0
     volume = Volume(array, (2.0, 0.9, 1.1), np.diag([2.0, 0.9, 1.1, 1.0]), "x")
     pre = Preprocess(spacing=(1.5, 1.5, 1.5), crop_foreground=True, intensity={"method": "none"}, size=(24, 24, 24))
-    x = pre(volume)
-    grid = geometry.grid_of(pre, volume, x.shape[1:])
+    x, grid = pre.apply(volume)
+    assert grid.canonical == (30, 41, 37) and grid.network == (24, 24, 24)
     bright = (x > 3).float()
     back = geometry.to_scan_grid(torch.cat([1 - bright, bright]), pre, grid)
     assert back.shape == (2, 30, 41, 37)
     assert _dice(back.argmax(0).numpy() == 1, array == 5.0) > 0.8
     crop_pad = pre.replace(size_mode="crop_pad", size=(20, 40, 20))
-    x = crop_pad(volume)
-    back = geometry.to_scan_grid(torch.cat([1 - (x > 3).float(), (x > 3).float()]), crop_pad,
-                                 geometry.grid_of(crop_pad, volume, x.shape[1:]))
+    x, grid = crop_pad.apply(volume)
+    back = geometry.to_scan_grid(torch.cat([1 - (x > 3).float(), (x > 3).float()]), crop_pad, grid)
     assert back.shape == (2, 30, 41, 37) and _dice(back.argmax(0).numpy() == 1, array == 5.0) > 0.8
 
 
@@ -377,3 +376,33 @@ def test_weights_published_with_their_head_predict_by_name(seg_run, hub_server, 
     by_name = predict(predictor, [seg_run["image"]], device="cpu")[0]
     local = predict(model, [seg_run["image"]], device="cpu", preprocess=preprocess, window=(16, 16, 16))[0]
     assert np.array_equal(by_name.mask, local.mask) and by_name.mask.shape == nib.load(seg_run["image"]).shape
+
+
+def test_non_finite_voxels_are_checked_as_features_checks_them(tmp_path, capsys):
+    """--nan-policy: an input with NaN voxels fails (naming the count), or has them set to 0, as in features."""
+    from med3d_hub import create_model
+    from med3d_hub.inference.predict import iter_predictions
+    from med3d_hub.weights.model_files import write_model_files
+
+    torch.manual_seed(0)
+    write_model_files(tmp_path / "model", create_model("resnet10", seg_classes=2, seg_upsample=True).eval(),
+                      preprocess={"spacing": None, "intensity": {"method": "none"}, "size": None})
+    array = np.random.default_rng(0).normal(size=(16, 20, 18)).astype(np.float32)
+    clean = array.copy()
+    array[2:4] = np.nan
+    np.save(tmp_path / "nan.npy", array)
+    predictor = load_predictor(tmp_path / "model", window=(16, 16, 16))
+    (failed,) = iter_predictions(predictor, [tmp_path / "nan.npy"], device="cpu")
+    assert not failed.ok and str(tmp_path / "nan.npy") in failed.error
+    assert f"{2 * 20 * 18:,} of {array.size:,} voxels are NaN or infinite" in failed.error
+    clean[2:4] = 0
+    (zero,) = predict(predictor, [tmp_path / "nan.npy"], device="cpu", nan_policy="zero")
+    (expected,) = predict(predictor, [clean], device="cpu")
+    np.testing.assert_array_equal(zero.mask, expected.mask)
+
+    (tmp_path / "masks").mkdir()
+    args = ["predict", str(tmp_path / "model"), str(tmp_path / "nan.npy"), "-o", str(tmp_path / "masks"),
+            "--window", "16", "16", "16", "--device", "cpu", "-q"]
+    assert med3d(args) == 1
+    assert "NaN or infinite" in capsys.readouterr().err and not list((tmp_path / "masks").iterdir())
+    assert med3d([*args, "--nan-policy", "zero"]) == 0 and list((tmp_path / "masks").iterdir())

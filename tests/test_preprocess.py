@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from med3d_hub.data.io import Volume, read_volume
-from med3d_hub.data.preprocess import PAPER_PREPROCESS, Preprocess, transforms_for
+from med3d_hub.data.preprocess import PAPER_PREPROCESS, Preprocess, percentiles, transforms_for
 
 NONE = {"method": "none"}
 
@@ -48,6 +48,44 @@ def test_percentile_zscore(brain):
     top = out[0].numpy()[a >= high]
     assert top.size > 0 and np.ptp(top) < 1e-5
     assert out.max() == pytest.approx(top[0])
+
+
+QS = [0, 0.5, 1, 37.3, 50, 99.5, 100]
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16, np.uint8, np.float32])
+def test_percentiles_of_integers_come_from_a_histogram_exactly(dtype, monkeypatch):
+    rng = np.random.default_rng(1)
+    low = 0 if dtype in (np.uint16, np.uint8) else -1024
+    high = 255 if dtype == np.uint8 else 3000
+    values = rng.integers(low, high, size=(21, 33, 17)).astype(dtype)
+    crop = values[3:15, ::2, 5:]  # a view, as crop_foreground gives
+    expected = [np.percentile(v.astype(np.int64), QS) for v in (values, crop)]  # numpy's rule: linear
+    monkeypatch.setattr(np, "percentile", lambda *a, **k: pytest.fail("a sorted copy was made"))
+    np.testing.assert_array_equal(percentiles(values, QS), expected[0])
+    np.testing.assert_array_equal(percentiles(crop, QS), expected[1])
+    np.testing.assert_array_equal(percentiles(np.full((4, 5, 6), 7, dtype), QS), [7.0] * len(QS))
+
+
+def test_percentiles_of_other_values_are_numpys():
+    values = np.random.default_rng(2).normal(size=(10, 12, 14)).astype(np.float32)
+    np.testing.assert_array_equal(percentiles(values, QS), np.percentile(values, QS))
+    wide = np.array([0, 1 << 30, 5], np.int64).reshape(1, 1, 3)  # too wide a range for a histogram
+    np.testing.assert_array_equal(percentiles(wide, QS), np.percentile(wide, QS))
+
+
+def test_inplace_preprocessing_equals_the_copy_and_reuses_the_array(brain):
+    recipe = Preprocess(crop_foreground=True, size=(32, 40, 36))
+    array = brain.array.astype(np.float32)
+    copied, grid = recipe.apply(Volume(array.copy(), brain.spacing, brain.affine, "x"))
+    own = array.copy()
+    inplace, same = recipe.apply(Volume(own, brain.spacing, brain.affine, "x"), inplace=True)
+    torch.testing.assert_close(inplace, copied, rtol=0, atol=0)
+    assert grid == same and grid.network == (32, 40, 36) and grid.box is not None
+    assert not np.array_equal(own, array)  # the intensity step ran on the array itself
+    np.testing.assert_array_equal(brain.array.astype(np.float32), array)  # without inplace nothing is touched
+    recipe(brain)
+    np.testing.assert_array_equal(brain.array.astype(np.float32), array)
 
 
 def test_percentile_bounds_are_parameters(brain):

@@ -62,8 +62,6 @@ def add_features_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fast", action="store_true",
                    help="run the plain model instead of the BatchNorm-folded channels_last copy (same results)")
     add_progress_option(p)
-    p.add_argument("--nan-policy", choices=("error", "zero"), default="error",
-                   help="an input with NaN or infinite voxels fails (error, the default) or has them set to 0 (zero)")
     p.set_defaults(func=cmd_features)
 
 
@@ -185,7 +183,7 @@ def _feature_sets(args: argparse.Namespace) -> list:
         sets.append(features_of_scans(
             model, scans, preprocess, source=source, seed=None if has_weights(model) else args.seed,
             amp=args.amp, force_amp=args.force_amp, device=args.device, batch_size=args.batch_size, workers=args.workers,
-            progress=(not args.quiet) and sys.stderr.isatty()))
+            nan_policy=args.nan_policy, progress=(not args.quiet) and sys.stderr.isatty()))
     return sets
 
 

@@ -104,10 +104,15 @@ def add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inputs-from", metavar="FILE", help="read more inputs from FILE, one per line ('-' = stdin)")
 
 
-def add_reading_options(p: argparse.ArgumentParser, batch_help: str) -> None:
-    """Batching and read-ahead threads of a command that extracts features."""
-    p.add_argument("--batch-size", "-b", type=positive_int, default=1, help=batch_help)
-    p.add_argument("--workers", type=positive_int, default=1, help="threads reading ahead of the network (default 1)")
+def add_reading_options(p: argparse.ArgumentParser, batch_help: str | None = None) -> None:
+    """Batching (unless the command has its own), read-ahead workers and the NaN policy of a command that reads scans."""
+    if batch_help is not None:
+        p.add_argument("--batch-size", "-b", type=positive_int, default=1, help=batch_help)
+    p.add_argument("--workers", type=non_negative_int, metavar="N",
+                   help="processes reading and preprocessing ahead of the network (default: half the usable CPUs, "
+                        "at most 8; 0: in this process)")
+    p.add_argument("--nan-policy", choices=("error", "zero"), default="error",
+                   help="an input with NaN or infinite voxels fails (error, the default) or has them set to 0 (zero)")
 
 
 def add_progress_option(p: argparse.ArgumentParser) -> None:
@@ -119,12 +124,20 @@ def add_progress_option(p: argparse.ArgumentParser) -> None:
 
 
 def positive_int(text: str) -> int:
+    return _integer(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    return _integer(text, 0, "an integer >= 0")
+
+
+def _integer(text: str, least: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
 
 

@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from .options import (
-    UserError, add_command, add_inputs, add_progress_option, check_runtime, inputs_of, positive_int, runtime_options,
-    show_progress,
+    UserError, add_command, add_inputs, add_progress_option, add_reading_options, check_runtime, inputs_of, positive_int,
+    runtime_options, show_progress,
 )
 from .output import PROG, failed_inputs_code, report_skipped, say
 
@@ -42,6 +42,7 @@ def add_predict_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="sliding window size (default: the training crop)")
     p.add_argument("--probabilities", action="store_true", help="also write float16 per-class maps (segmentation)")
     p.add_argument("--no-fast", action="store_true", help="run the plain model instead of the BatchNorm-folded copy")
+    add_reading_options(p)
     add_progress_option(p)
     p.set_defaults(func=cmd_predict)
 
@@ -67,7 +68,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     results, failures = [], []
     for result in iter_predictions(predictor, inputs, batch_size=args.batch_size, overlap=args.overlap,
                                    probabilities=args.probabilities, device=args.device, amp=args.amp,
-                                   force_amp=args.force_amp, fast=not args.no_fast, progress=show_progress(args)):
+                                   force_amp=args.force_amp, fast=not args.no_fast, progress=show_progress(args),
+                                   workers=args.workers, nan_policy=args.nan_policy):
         if not result.ok:
             failures.append(result)
             report_skipped(result.error)

@@ -53,9 +53,11 @@ class VolumeReadError(Med3DError, ValueError):
 class Volume:
     """A 3-D image in canonical (D, H, W) voxel order; see the module docstring.
 
-    ``array`` keeps the dtype it was stored with (DICOM: after RescaleSlope/Intercept, int16
-    when that is exact, else float32). ``spacing`` is in mm along D, H, W. ``affine`` maps
-    voxel ``(d, h, w)`` to RAS+ mm. ``source`` is the path the volume was read from.
+    ``array`` keeps the dtype it was stored with, except that scaled data (NIfTI's
+    scl_slope/scl_inter, DICOM's RescaleSlope/Intercept unless int16 is exact) and float64 are
+    float32: a volume is never float64, which would double its memory. ``spacing`` is in mm along
+    D, H, W. ``affine`` maps voxel ``(d, h, w)`` to RAS+ mm. ``source`` is the path the volume was
+    read from.
     """
 
     array: np.ndarray
@@ -83,17 +85,18 @@ def read_volume(path: str | Path, *, channel: int | None = None) -> Volume:
     name = path.name.lower()
     if channel is not None and not name.endswith((".nii", ".nii.gz")):
         raise VolumeReadError(f"{path}: channel={channel} applies to 4-D NIfTI images only.")
+    scale = None
     if path.is_dir():
         array, affine = _read_dicom_series(path)
     elif name.endswith((".nii", ".nii.gz")):
-        array, affine = _read_nifti(path, channel)
+        array, affine, scale = _read_nifti(path, channel)
     elif name.endswith(".npy"):
         return _read_npy(path)
     else:
         raise VolumeReadError(
             f"{path}: unknown file type; pass {_FORMATS} (for DICOM, pass the series folder)."
         )
-    return _canonical(array, affine, path)
+    return _canonical(array, affine, path, scale)
 
 
 def max_voxels() -> int:
@@ -133,8 +136,12 @@ def _check_claim(path: Path, shape: tuple, dtype: np.dtype, *, data_file: Path, 
         )
 
 
-def _canonical(array: np.ndarray, affine: np.ndarray, path: Path) -> Volume:
-    """Reorient ``array`` (any voxel order, with its voxel -> RAS+ ``affine``) to (D, H, W)."""
+def _canonical(array: np.ndarray, affine: np.ndarray, path: Path, scale: tuple[float, float] | None = None) -> Volume:
+    """Reorient ``array`` (any voxel order, with its voxel -> RAS+ ``affine``) to (D, H, W).
+
+    ``scale``: (slope, intercept) still to apply; the scaled values are written in float32 straight
+    into the reoriented array, so the stored integers are never held in float64 or twice in float.
+    """
     from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
     linear = affine[:3, :3]
@@ -146,13 +153,29 @@ def _canonical(array: np.ndarray, affine: np.ndarray, path: Path) -> Volume:
     ornt = io_orientation(affine)
     ras = apply_orientation(array, ornt)  # flips and transposes: a view, no copy yet
     ras_affine = affine @ inv_ornt_aff(ornt, array.shape)
-    dhw = np.ascontiguousarray(ras.transpose(2, 1, 0))  # a no-op copy for Fortran-order NIfTI
+    dhw = _float32(ras.transpose(2, 1, 0), scale)  # one pass: reorient, scale, to C order
     dhw_affine = ras_affine @ _DHW_TO_IJK
     spacing = tuple(float(s) for s in np.linalg.norm(dhw_affine[:3, :3], axis=0))
     return Volume(array=dhw, spacing=spacing, affine=dhw_affine, source=str(path))
 
 
-def _read_nifti(path: Path, channel: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _float32(view: np.ndarray, scale: tuple[float, float] | None) -> np.ndarray:
+    """``view`` in C order; scaled (``slope * v + inter``) or float64 data as float32, in one output array."""
+    if scale is None and view.dtype != np.float64:
+        return np.ascontiguousarray(view)  # a no-op for Fortran-order NIfTI without flips
+    out = np.empty(view.shape, np.float32)
+    np.copyto(out, view, casting="unsafe")
+    if scale is not None:
+        slope, inter = scale
+        if slope != 1:
+            out *= np.float32(slope)
+        if inter != 0:
+            out += np.float32(inter)
+    return out
+
+
+def _read_nifti(path: Path, channel: int | None = None) -> tuple[np.ndarray, np.ndarray, tuple[float, float] | None]:
+    """The stored voxels (unscaled), the affine, and the (slope, intercept) still to apply, if any."""
     import nibabel as nib
 
     try:
@@ -176,7 +199,9 @@ def _read_nifti(path: Path, channel: int | None = None) -> tuple[np.ndarray, np.
             dataobj = image.dataobj if len(image.shape) == 3 else image.dataobj[..., channel]
         else:
             dataobj = image.dataobj
-        array = np.asanyarray(dataobj)  # applies scl_slope/inter, else keeps the dtype
+        # the whole image: its stored values, scaled later in float32 (nibabel scales in float64)
+        scale = _scaling(dataobj) if dataobj is image.dataobj else None
+        array = np.asanyarray(dataobj) if scale is None else dataobj.get_unscaled()
     except VolumeReadError:
         raise
     except Exception as err:  # nibabel, gzip and zlib raise many types for a damaged file
@@ -191,7 +216,17 @@ def _read_nifti(path: Path, channel: int | None = None) -> tuple[np.ndarray, np.
             f"{path}: image has shape {tuple(image.shape)}, but a single 3-D volume is needed. "
             "For a 4-D series, save the volume you want (e.g. nibabel's img.slicer[..., t])."
         )
-    return array, image.affine.astype(np.float64)
+    return array, image.affine.astype(np.float64), scale
+
+
+def _scaling(proxy) -> tuple[float, float] | None:
+    """(slope, intercept) of a NIfTI's data when they change the values (nibabel: NaN or 0 slope means none)."""
+    if not hasattr(proxy, "get_unscaled"):
+        return None
+    slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+    slope = 1.0 if not np.isfinite(slope) or slope == 0 else float(slope)
+    inter = 0.0 if not np.isfinite(inter) else float(inter)
+    return None if (slope, inter) == (1.0, 0.0) else (slope, inter)
 
 
 def _read_npy(path: Path) -> Volume:
@@ -215,6 +250,8 @@ def _read_npy(path: Path) -> Volume:
         raise VolumeReadError(
             f"{path}: array has shape {shape}, but a 3-D (D, H, W) array is needed."
         )
+    if array.dtype == np.float64:
+        array = array.astype(np.float32)
     return Volume(array=array, spacing=(1.0, 1.0, 1.0), affine=_DHW_TO_IJK.copy(), source=str(path))
 
 

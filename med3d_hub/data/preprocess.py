@@ -27,6 +27,12 @@ preprocessing is stored beside the weights in the manifest as a small dict and r
 
 The result is a float32 tensor of shape (1, D, H, W): the channel axis first, ready to batch.
 The work is done with torch and numpy on the CPU; MONAI is not needed.
+
+Memory: a volume is copied once, into float32 (not even that with ``apply(..., inplace=True)`` on a
+float32 array nobody else holds); clipping and the z-score work in place, and the percentiles of
+integer values (CT in HU, most MRI) come from a histogram rather than a sorted copy.
+``apply`` also returns the ``Grid`` of the steps (shapes and crop box), which ``inference/geometry``
+reverses to bring a prediction back onto the scan's grid.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import torch.nn.functional as F
 from ..errors import UsageError
 from .io import Volume
 
-__all__ = ["PAPER_PREPROCESS", "Preprocess", "transforms_for"]
+__all__ = ["PAPER_PREPROCESS", "Grid", "Preprocess", "foreground_box", "percentiles", "resampled_shape", "transforms_for"]
 
 PAPER_PREPROCESS: dict = {
     "spacing": None,
@@ -65,6 +71,16 @@ _SIZE_MODES = ("resize", "crop_pad")
 
 def _paper_intensity() -> dict:
     return dict(PAPER_PREPROCESS["intensity"])
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The shapes a volume took on its way through a ``Preprocess``."""
+
+    canonical: tuple[int, int, int]  # as read (D, H, W)
+    resampled: tuple[int, int, int]  # after ``spacing``
+    box: tuple[slice, slice, slice] | None  # the crop to the non-zero voxels, in the resampled grid
+    network: tuple[int, int, int]  # what the network saw
 
 
 @dataclass(frozen=True)
@@ -113,6 +129,14 @@ class Preprocess:
 
     def __call__(self, volume: Volume | np.ndarray) -> torch.Tensor:
         """Preprocess a ``Volume`` or a (D, H, W) array at 1 mm into a (1, D, H, W) float32 tensor."""
+        return self.apply(volume)[0]
+
+    def apply(self, volume: Volume | np.ndarray, *, inplace: bool = False) -> tuple[torch.Tensor, Grid]:
+        """The (1, D, H, W) float32 tensor and the ``Grid`` of its steps.
+
+        ``inplace``: the volume's array may be overwritten (a float32 array read for this call
+        alone), which saves the copy into float32.
+        """
         if isinstance(volume, Volume):
             array, spacing = volume.array, volume.spacing
         elif isinstance(volume, np.ndarray):
@@ -124,19 +148,19 @@ class Preprocess:
             )
         if array.ndim != 3 or 0 in array.shape:
             raise UsageError(f"expected a non-empty 3-D (D, H, W) volume, got shape {array.shape}.")
-        # The one copy: float32, C order, owned by us, so later steps may work in place.
-        x = torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
+        x = _float32(array, inplace)  # owned by us from here, so later steps work in place
+        canonical = tuple(x.shape)
 
         if self.spacing is not None:
-            # Keep the physical extent: n voxels of s mm become n * s / t voxels of t mm (half up).
-            shape = [max(1, int(n * s / t + 0.5)) for n, s, t in zip(x.shape, spacing, self.spacing)]
-            x = _interpolate(x, shape)
-        if self.crop_foreground:
-            x = _crop_nonzero(x)
+            x = _interpolate(x, resampled_shape(x.shape, spacing, self.spacing))
+        resampled = tuple(x.shape)
+        box = foreground_box(x) if self.crop_foreground else None
+        if box is not None:
+            x = x[box]
         x = _normalise(x, self.intensity)
         if self.size is not None:
             x = _interpolate(x, self.size) if self.size_mode == "resize" else _crop_pad(x, self.size)
-        return x.contiguous().unsqueeze(0)
+        return x.contiguous().unsqueeze(0), Grid(canonical, resampled, box, tuple(x.shape))
 
 
 def transforms_for(model_or_cfg: Any = None, **overrides: Any) -> Preprocess:
@@ -229,23 +253,77 @@ def _check_intensity(spec: Any) -> dict:
     return out
 
 
-def _interpolate(x: torch.Tensor, shape) -> torch.Tensor:
-    if tuple(x.shape) == tuple(shape):
-        return x
-    return F.interpolate(x[None, None], size=tuple(shape), mode="trilinear", align_corners=False)[0, 0]
+def resampled_shape(shape, spacing, target) -> tuple[int, int, int]:
+    """The rule of ``spacing``: n voxels of s mm become n * s / t voxels of t mm (half up), at least one."""
+    return tuple(max(1, int(n * s / t + 0.5)) for n, s, t in zip(shape, spacing, target))
 
 
-def _crop_nonzero(x: torch.Tensor) -> torch.Tensor:
-    """Crop to the bounding box of non-zero voxels; an all-zero volume is left whole."""
+def foreground_box(x: torch.Tensor) -> tuple[slice, slice, slice] | None:
+    """The bounding box of the non-zero voxels (the ``crop_foreground`` step); None for an all-zero volume."""
     mask = x != 0
     if not mask.any():
-        return x
+        return None
     box = []
     for axis in range(3):
         others = tuple(a for a in range(3) if a != axis)
         hits = torch.nonzero(mask.any(dim=others)).flatten()
         box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return x[tuple(box)]
+    return tuple(box)
+
+
+def percentiles(values: np.ndarray, qs, *, max_bins: int = 1 << 22) -> np.ndarray:
+    """``np.percentile(values, qs)`` (linear interpolation), without a sorted copy when the values are integers.
+
+    Integer values (CT in HU, most MRI, even as float32) are counted in a histogram, slab by slab;
+    the order statistics are read off its cumulative counts, exactly. Other values, or a range wider
+    than ``max_bins``, take ``np.percentile``, which partitions a copy.
+    """
+    q = np.true_divide(np.asarray(qs, dtype=np.float64), 100)
+    counts = _histogram(values, max_bins)
+    if counts is None:
+        return np.percentile(values, qs)
+    low, hist = counts
+    cumulative = np.cumsum(hist)
+    index = (values.size - 1) * q  # numpy's "linear": the (n - 1) * q-th order statistic
+    below = np.floor(index)
+    gamma = index - below
+    rank_of = lambda r: low + np.searchsorted(cumulative, r, side="right")  # noqa: E731
+    a = rank_of(below).astype(np.float64)
+    b = rank_of(np.minimum(below + 1, values.size - 1)).astype(np.float64)
+    diff = b - a
+    out = a + diff * gamma
+    return np.where(gamma >= 0.5, b - diff * (1 - gamma), out)  # numpy's _lerp, to the last bit
+
+
+def _histogram(values: np.ndarray, max_bins: int) -> tuple[int, np.ndarray] | None:
+    """(lowest value, counts from it) of integer ``values``, or None when they are not integers in a small range."""
+    if values.size == 0 or values.ndim == 0:
+        return None
+    slabs = values.reshape(-1, *values.shape[-2:]) if values.ndim >= 2 else values[None]
+    low, high = float(values.min()), float(values.max())
+    if not (np.isfinite(low) and np.isfinite(high)) or high - low + 1 > max_bins or low != int(low):
+        return None
+    hist = np.zeros(int(high - low) + 1, np.int64)
+    for slab in slabs:
+        whole = slab.astype(np.int64)
+        if not np.issubdtype(slab.dtype, np.integer) and not np.array_equal(whole, slab):
+            return None
+        whole -= int(low)
+        hist += np.bincount(whole.reshape(-1), minlength=hist.size)
+    return int(low), hist
+
+
+def _float32(array: np.ndarray, inplace: bool) -> torch.Tensor:
+    """The volume as a C-ordered float32 tensor: the array itself when it may be overwritten, else one copy."""
+    if inplace and array.dtype == np.float32 and array.flags.c_contiguous and array.flags.writeable:
+        return torch.from_numpy(array)
+    return torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
+
+
+def _interpolate(x: torch.Tensor, shape) -> torch.Tensor:
+    if tuple(x.shape) == tuple(shape):
+        return x
+    return F.interpolate(x[None, None], size=tuple(shape), mode="trilinear", align_corners=False)[0, 0]
 
 
 def _crop_pad(x: torch.Tensor, size) -> torch.Tensor:
@@ -270,18 +348,17 @@ def _zscore_(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 def _normalise(x: torch.Tensor, spec: dict) -> torch.Tensor:
+    """The intensity step, in place on ``x`` (ours: a copy or a crop view of one)."""
     method = spec["method"]
     if method == "percentile_zscore":
-        # numpy's percentile partitions (O(n)); torch.quantile sorts and caps the input size.
-        low, high = np.percentile(x.numpy(), [spec["lower"], spec["upper"]])
-        x = x.clamp(float(low), float(high))  # a new tensor: x may still be a crop view
+        low, high = percentiles(x.numpy(), [spec["lower"], spec["upper"]])
+        x = x.clamp_(float(low), float(high))
         return _zscore_(x, x)
     if method == "hu_window":
-        x = x.clamp(spec["min"], spec["max"])
+        x = x.clamp_(spec["min"], spec["max"])
         return _zscore_(x, x)
     if method == "nonzero_zscore":
         zero = x == 0
-        out = x.clone()
-        _zscore_(out, x[x > 0])
-        return out.masked_fill_(zero, 0.0)
+        _zscore_(x, x[x > 0])
+        return x.masked_fill_(zero, 0.0)
     return x

@@ -7,8 +7,9 @@ others.
 
 How the work is arranged:
 
-* Reading and preprocessing run in a small thread pool a few volumes ahead of the network, so file
-  I/O and resampling overlap the forward pass instead of adding to it.
+* Reading and preprocessing run in worker processes a few volumes ahead of the network
+  (``reading.read_ahead``, the pipeline ``predict`` uses too), so file I/O and resampling overlap
+  the forward pass instead of adding to it.
 * Consecutive volumes with the same preprocessed shape share a batch (up to ``batch_size``); a
   volume of another shape starts a new batch. Set a fixed ``size`` in the preprocessing to batch
   everything.
@@ -26,21 +27,21 @@ Writing and reading feature files (``save_features``, ``load_features``, ``check
 from __future__ import annotations
 
 import copy
-import os
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..data.io import Volume, read_volume
 from ..data.preprocess import Preprocess, transforms_for
-from ..errors import Med3DError, UsageError
+from ..errors import UsageError
 from .feature_files import OUTPUT_FORMATS, Features, SavedFeatures, check_output, load_features, save_features
+from .reading import (
+    NAN_POLICIES, Input, InputResult, InputsFailedError, as_list, check_reading, input_name, read_ahead,
+    scan_progress_bar, to_device,
+)
 from .runtime import autocast, check_amp, resolve_device
 
 __all__ = [
@@ -65,25 +66,12 @@ __all__ = [
 # outputs of layer1..layer4 (a dict of maps).
 MAPS = ("pooled", "layer4", "stages")
 STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
-NAN_POLICIES = ("error", "zero")  # what to do with NaN or infinite voxels in an input
-
-Input = Union[str, os.PathLike, Volume, np.ndarray]
-
-
-class FeatureExtractionError(Med3DError, RuntimeError):
-    """Some inputs could not be read or processed; ``failures`` lists ``(name, message)`` pairs."""
-
-    def __init__(self, failures: Sequence[tuple[str, str]], total: int):
-        self.failures = list(failures)
-        lines = "\n".join(f"  {message}" for _, message in self.failures)
-        super().__init__(
-            f"{len(self.failures)} of {total} input(s) failed:\n{lines}\n"
-            "Use med3d_hub.inference.features.iter_features to keep the others and skip these."
-        )
+# Some inputs failed: the one error of every reading pipeline (``reading.InputsFailedError``).
+FeatureExtractionError = InputsFailedError
 
 
 @dataclass(frozen=True, eq=False)
-class FeatureResult:
+class FeatureResult(InputResult):
     """The outcome for one input: ``features`` or ``error`` (a message that names the input)."""
 
     index: int  # position in the inputs
@@ -91,10 +79,6 @@ class FeatureResult:
     features: Features | None = None
     shape: tuple[int, int, int] | None = None  # the preprocessed (D, H, W) the network saw
     error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 # -- the network side ------------------------------------------------------------------------------
@@ -152,14 +136,6 @@ def _forward(net: nn.Module, x: torch.Tensor, maps: str, amp_dtype: torch.dtype 
 # -- the reading side ------------------------------------------------------------------------------
 
 
-def _input_name(item: Any, index: int) -> str:
-    if isinstance(item, Volume):
-        return item.source
-    if isinstance(item, (str, os.PathLike)):
-        return os.fspath(item)
-    return f"<array {index}>"
-
-
 def _as_transform(preprocess: Any, model: nn.Module) -> Callable[[Any], torch.Tensor]:
     if preprocess is None:
         return transforms_for(model)
@@ -170,61 +146,6 @@ def _as_transform(preprocess: Any, model: nn.Module) -> Callable[[Any], torch.Te
     raise TypeError(
         f"preprocess must be a Preprocess, a preprocessing dict or a callable, got {type(preprocess).__name__}"
     )
-
-
-def _finite_first(transform: Callable, nan_policy: str) -> Callable:
-    """``transform`` after a check of the input's voxels: NaN or infinite ones are an error, or zeros by request."""
-
-    def checked(source: Any) -> Any:
-        array = source.array if isinstance(source, Volume) else source
-        if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.inexact):
-            return transform(source)
-        bad = ~np.isfinite(array)
-        count = int(np.count_nonzero(bad))
-        if not count:
-            return transform(source)
-        if nan_policy == "error":
-            raise UsageError(
-                f"{count:,} of {array.size:,} voxels are NaN or infinite; fix the scan, or pass "
-                "--nan-policy zero (nan_policy='zero') to set them to 0"
-            )
-        array = np.where(bad, np.zeros((), array.dtype), array)
-        if isinstance(source, Volume):
-            return transform(Volume(array=array, spacing=source.spacing, affine=source.affine, source=source.source))
-        return transform(array)
-
-    return checked
-
-
-def _load(item: Any, name: str, transform: Callable) -> tuple[torch.Tensor | None, str | None]:
-    """Read and preprocess one input; an error becomes a message that names the input."""
-    try:
-        if isinstance(item, torch.Tensor):
-            item = item.detach().cpu().numpy()
-        source = item if isinstance(item, (Volume, np.ndarray)) else read_volume(item)
-        x = transform(source)
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[0] != 1:
-            raise UsageError(
-                f"the preprocessing returned {getattr(x, 'shape', type(x).__name__)}, "
-                "expected a (1, D, H, W) tensor"
-            )
-        return x.float(), None
-    except (OSError, ValueError) as err:  # FileNotFoundError, VolumeReadError, bad preprocessing
-        message = str(err)
-    except Exception as err:  # anything else a damaged file can raise deep in a reader
-        message = f"{type(err).__name__}: {err}"
-    return None, message if name in message else f"{name}: {message}"
-
-
-def scan_progress_bar(total: int, enabled: bool, desc: str = "features"):
-    """A bar over the scans of a run (tqdm, when installed); None when off."""
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="scan", desc=desc, dynamic_ncols=True, leave=False)
 
 
 def describe_preprocess(p: Preprocess) -> str:
@@ -252,73 +173,53 @@ def iter_features(
     amp: str | None = None,
     force_amp: bool = False,
     fast: bool = True,
-    workers: int = 1,
-    prefetch: int | None = None,
+    workers: int | None = None,
     progress: bool = False,
     nan_policy: str = "error",
 ) -> Iterator[FeatureResult]:
     """Yield one ``FeatureResult`` per input, in input order; failures are results, not exceptions.
 
-    Arguments are those of ``extract_features``; ``workers`` threads read and preprocess up to
-    ``prefetch`` volumes (default ``batch_size + 2``) ahead of the forward. Errors that concern the
-    whole run (a bad model, device or option) are raised before the first input is read.
+    Arguments are those of ``extract_features``. Errors that concern the whole run (a bad model,
+    device or option) are raised before the first input is read.
     """
     maps = _check_maps(maps)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if not isinstance(workers, int) or workers < 1:
-        raise UsageError(f"workers must be an integer >= 1, got {workers!r}")
     _check_model(model, maps)
-    if nan_policy not in NAN_POLICIES:
-        raise UsageError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}")
-    transform = _finite_first(_as_transform(preprocess, model), nan_policy)
+    transform = _as_transform(preprocess, model)
+    check_reading(transform, workers, nan_policy)
     device = resolve_device(device, model)
     amp_dtype = check_amp(amp, device, force=force_amp)
-    items = _as_list(inputs)
-    names = [_input_name(item, i) for i, item in enumerate(items)]
-    return _run(model, items, names, transform, maps, batch_size, device, amp_dtype, fast, workers,
-                prefetch if prefetch is not None else batch_size + 2, progress)
+    items = as_list(inputs)
+    names = [input_name(item, i) for i, item in enumerate(items)]
+    stream = read_ahead(items, transform, workers=workers, nan_policy=nan_policy, device=device, names=names)
+    return _run(model, stream, len(items), maps, batch_size, device, amp_dtype, fast, progress)
 
 
-def _run(model, items, names, transform, maps, batch_size, device, amp_dtype, fast, workers, prefetch, progress):
-    net = _prepare(model, device, fast) if items else None
-    bar = scan_progress_bar(len(items), progress)
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="med3d-read")
-    queue: deque = deque()
-    upcoming = iter(range(len(items)))
-    pending: list[tuple[int, torch.Tensor]] = []  # one batch of equal-shape volumes
+def _run(model, stream, total, maps, batch_size, device, amp_dtype, fast, progress) -> Iterator[FeatureResult]:
+    net = _prepare(model, device, fast) if total else None
+    bar = scan_progress_bar(total, progress)
+    pending: list = []  # one batch of consecutive volumes of one shape (``reading.Loaded``)
 
-    def refill() -> None:
-        while len(queue) < max(prefetch, 1):
-            i = next(upcoming, None)
-            if i is None:
-                return
-            queue.append((i, pool.submit(_load, items[i], names[i], transform)))
-
-    def flush() -> Iterator[FeatureResult]:
+    def flush() -> list[FeatureResult]:
         if not pending:
-            return
-        x = torch.stack([t for _, t in pending])
-        x = x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+            return []
+        x = torch.stack([to_device(item.x, device) for item in pending])
         shape = tuple(x.shape[2:])
-        for (i, _), feats in zip(pending, _forward(net, x, maps, amp_dtype)):
-            yield FeatureResult(i, names[i], features=feats, shape=shape)
+        done = [FeatureResult(item.index, item.name, features=feats, shape=shape)
+                for item, feats in zip(pending, _forward(net, x, maps, amp_dtype))]
         pending.clear()
+        return done
 
     try:
-        refill()
-        while queue:
-            i, future = queue.popleft()
-            refill()  # keep the readers busy while this batch runs
-            tensor, error = future.result()
-            if error is not None:
-                done = list(flush())
-                done.append(FeatureResult(i, names[i], error=error))
+        for item in stream:
+            if item.error is not None:
+                done = flush() + [FeatureResult(item.index, item.name, error=item.error)]
             else:
-                done = list(flush()) if pending and pending[0][1].shape != tensor.shape else []
-                pending.append((i, tensor))
+                done = flush() if pending and pending[0].x.shape != item.x.shape else []
+                pending.append(item)
                 if len(pending) == batch_size:
-                    done += list(flush())
+                    done += flush()
             for result in done:
                 if bar is not None:
                     bar.update(1)
@@ -328,7 +229,6 @@ def _run(model, items, names, transform, maps, batch_size, device, amp_dtype, fa
                 bar.update(1)
             yield result
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
 
@@ -344,7 +244,7 @@ def extract_features(
     amp: str | None = None,
     force_amp: bool = False,
     fast: bool = True,
-    workers: int = 1,
+    workers: int | None = None,
     progress: bool = False,
     nan_policy: str = "error",
 ) -> Features:
@@ -364,7 +264,9 @@ def extract_features(
         amp: None (fp32), "bf16" or "fp16" autocast; refused on a CPU without native support
             unless ``force_amp``.
         fast: run the BatchNorm-folded, channels_last_3d copy of the model (same outputs).
-        workers: threads that read and preprocess ahead of the forward.
+        workers: processes that read and preprocess ahead of the forward (``reading.read_ahead``);
+            None: half the usable CPUs (at most 8) for files, 0 (this process) for inputs
+            already in memory. With spawn or forkserver a callable ``preprocess`` must pickle.
         progress: show a progress bar over the inputs (needs tqdm).
         nan_policy: "error" (an input with NaN or infinite voxels fails, naming the count) or
             "zero" (such voxels are set to 0 before preprocessing).
@@ -379,7 +281,7 @@ def extract_features(
     )
     failed = [(r.name, r.error) for r in results if not r.ok]
     if failed:
-        raise FeatureExtractionError(failed, len(results))
+        raise InputsFailedError(failed, len(results), "med3d_hub.inference.features.iter_features")
     return stack_results(results, maps)
 
 
@@ -412,18 +314,3 @@ def _check_maps(maps: str) -> str:
     if maps not in MAPS:
         raise UsageError(f"unknown maps {maps!r}; choose one of {', '.join(MAPS)}.")
     return maps
-
-
-def _as_list(inputs: Any) -> list:
-    if isinstance(inputs, (str, os.PathLike, Volume, torch.Tensor)):
-        return [inputs]
-    if isinstance(inputs, np.ndarray):
-        if inputs.ndim == 3:
-            return [inputs]
-        if inputs.ndim == 4:
-            return list(inputs)
-        raise UsageError(f"an array input must be one (D, H, W) volume or an (N, D, H, W) stack, got {inputs.shape}")
-    try:
-        return list(inputs)
-    except TypeError:
-        raise TypeError(f"inputs must be paths, Volumes or arrays (or a list of them), got {type(inputs).__name__}") from None

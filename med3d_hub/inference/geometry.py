@@ -12,53 +12,22 @@ the scan, so every step is undone here, in reverse order:
    voxel order, so that it has the file's shape and takes the file's affine unchanged.
 
 Steps 1-3 work on per-class probabilities (N channels), so the arg-max is taken on the scan's grid.
+The shapes and the crop box are those the preprocessing recorded (``Preprocess.apply`` returns its
+``Grid``): the rules live in ``data/preprocess.py`` alone.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.io import Volume
-from ..data.preprocess import Preprocess
+from ..data.preprocess import Grid, Preprocess
 
-__all__ = ["DHW_TO_IJK", "Grid", "from_canonical", "grid_of", "to_scan_grid"]
+__all__ = ["DHW_TO_IJK", "Grid", "from_canonical", "to_scan_grid"]
 
 # canonical (d, h, w) -> RAS+ (i, j, k) voxel order is a reversal of the axes (data/io.py).
 DHW_TO_IJK = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
-
-
-@dataclass(frozen=True)
-class Grid:
-    """The shapes a volume took on its way through a ``Preprocess``."""
-
-    canonical: tuple[int, int, int]  # as read (D, H, W)
-    resampled: tuple[int, int, int]  # after ``spacing``
-    box: tuple[slice, slice, slice] | None  # the crop to the non-zero voxels, in the resampled grid
-    network: tuple[int, int, int]  # what the network saw
-
-
-def grid_of(pre: Preprocess, volume: Volume, network_shape) -> Grid:
-    """The shapes of ``volume`` after each step of ``pre`` (the crop box needs the resampled values)."""
-    canonical = tuple(volume.shape)
-    if pre.spacing is None:
-        resampled = canonical
-    else:  # the rule of Preprocess: n voxels of s mm become n * s / t voxels of t mm (half up)
-        resampled = tuple(max(1, int(n * s / t + 0.5)) for n, s, t in zip(canonical, volume.spacing, pre.spacing))
-    box = None
-    if pre.crop_foreground:
-        values = Preprocess(spacing=pre.spacing, intensity={"method": "none"})(volume)[0]
-        mask = values != 0
-        if mask.any():
-            box = []
-            for axis in range(3):
-                hits = torch.nonzero(mask.any(dim=tuple(a for a in range(3) if a != axis))).flatten()
-                box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-            box = tuple(box)
-    return Grid(canonical, resampled, box, tuple(int(n) for n in network_shape))
 
 
 def _resize(x: torch.Tensor, shape) -> torch.Tensor:

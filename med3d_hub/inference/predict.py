@@ -11,34 +11,31 @@ the arg-max. A classification gives the class probabilities and the arg-max clas
 
 ``iter_predictions`` yields one ``Prediction`` per input, in input order, an unreadable input as a
 result with an ``error``; ``write_mask`` and ``write_table`` (``prediction_files.py``) write them
-atomically.
+atomically. The inputs are read and preprocessed by the pipeline of ``features``
+(``reading.read_ahead``: worker processes, the same NaN policy, the same failures).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
-from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.io import Volume, read_volume
-from ..data.preprocess import Preprocess
-from ..errors import Med3DError, UsageError
+from ..errors import UsageError
 from . import geometry
-from .features import _as_list, _input_name, scan_progress_bar
 from .prediction_files import check_table_output, mask_path, write_mask, write_table
 from .predictor import DEFAULT_WINDOW, Predictor, Source, load_predictor
-from .runtime import check_amp, resolve_device
+from .reading import (
+    Input, InputResult, InputsFailedError, Loaded, as_list, check_reading, failure_message, read_ahead,
+    scan_progress_bar, to_device,
+)
+from .runtime import autocast, check_amp, resolve_device
 from .sliding_window import sliding_window
 
 __all__ = [  # the predictor and the files are their modules'; here too, for one import
@@ -46,24 +43,15 @@ __all__ = [  # the predictor and the files are their modules'; here too, for one
     "load_predictor", "mask_path", "predict", "write_mask", "write_table",
 ]
 
-Input = Union[str, os.PathLike, Volume, np.ndarray]
-
-
-class PredictionError(Med3DError, RuntimeError):
-    """Some inputs could not be predicted; ``failures`` lists ``(name, message)`` pairs."""
-
-    def __init__(self, failures: Sequence[tuple[str, str]], total: int):
-        self.failures = list(failures)
-        lines = "\n".join(f"  {message}" for _, message in self.failures)
-        super().__init__(f"{len(self.failures)} of {total} input(s) failed:\n{lines}\n"
-                         "Use med3d_hub.inference.predict.iter_predictions to keep the others and skip these.")
+# Some inputs failed: the one error of every reading pipeline (``reading.InputsFailedError``).
+PredictionError = InputsFailedError
 
 
 # -- one input --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, eq=False)
-class Prediction:
+class Prediction(InputResult):
     """The outcome for one input. A segmentation's ``mask`` (uint8) and ``probabilities`` ((K, ...)
     float16, on request) lie on the input's own voxel grid, which ``affine`` maps to RAS+ mm: a
     NIfTI file's own axes and affine, a DICOM series' axes in RAS+ order, an array's (D, H, W). A
@@ -82,57 +70,21 @@ class Prediction:
     error: str | None = None
 
     @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
     def class_name(self) -> str | None:
         return None if self.label is None else self.class_names[self.label]
 
 
-@dataclass
-class _Loaded:
-    index: int
-    name: str
-    x: torch.Tensor | None = None
-    volume: Volume | None = None
-    kind: str = "array"
-    error: str | None = None
-
-
-def _load(item: Any, index: int, pre: Preprocess) -> _Loaded:
-    name = _input_name(item, index)
-    try:
-        if isinstance(item, torch.Tensor):
-            item = item.detach().cpu().numpy()
-        if isinstance(item, np.ndarray):
-            if item.ndim != 3:
-                raise UsageError(f"an array input must be one (D, H, W) volume, got shape {item.shape}")
-            item = Volume(item, (1.0, 1.0, 1.0), np.diag([1.0, 1.0, 1.0, 1.0]), name)
-        volume = item if isinstance(item, Volume) else read_volume(item)
-        kind = "array"
-        if not isinstance(item, Volume):
-            path = Path(item)
-            kind = "dicom" if path.is_dir() else "nifti" if path.name.lower().endswith((".nii", ".nii.gz")) else "array"
-        return _Loaded(index, name, pre(volume).float(), volume, kind)
-    except (OSError, ValueError) as err:
-        message = str(err)
-    except Exception as err:  # anything else a damaged file can raise deep in a reader
-        message = f"{type(err).__name__}: {err}"
-    return _Loaded(index, name, error=message if name in message else f"{name}: {message}")
-
-
-def _file_grid(loaded: _Loaded) -> tuple[np.ndarray, tuple, Any]:
+def _file_grid(loaded: Loaded) -> tuple[np.ndarray, tuple, Any]:
     """(affine, shape, NIfTI header or None) of the grid the result goes back to."""
-    volume = loaded.volume
-    if loaded.kind == "nifti":
+    scan = loaded.scan
+    if scan.kind == "nifti":
         import nibabel as nib
 
-        image = nib.load(volume.source)
+        image = nib.load(scan.source)
         return image.affine.astype(np.float64), tuple(image.shape[:3]), image.header
-    if loaded.kind == "dicom":  # RAS+ order of the series' voxels: a NIfTI with the series' geometry
-        return volume.affine @ geometry.DHW_TO_IJK, tuple(reversed(volume.shape)), None
-    return volume.affine, tuple(volume.shape), None
+    if scan.kind == "dicom":  # RAS+ order of the series' voxels: a NIfTI with the series' geometry
+        return scan.affine @ geometry.DHW_TO_IJK, tuple(reversed(scan.shape)), None
+    return scan.affine, tuple(scan.shape), None
 
 
 # -- the network ------------------------------------------------------------------------------------
@@ -178,28 +130,37 @@ def iter_predictions(
     force_amp: bool = False,
     fast: bool = True,
     progress: bool = False,
+    workers: int | None = None,
+    nan_policy: str = "error",
     **source_options: Any,
 ) -> Iterator[Prediction]:
     """Yield one ``Prediction`` per input, in input order; failures are results, not exceptions.
 
     ``batch_size``: windows per forward (segmentation) or volumes per forward (classification).
-    ``probabilities``: keep a segmentation's per-class maps (float16). ``source_options`` go to
-    ``load_predictor`` (``model``, ``preprocess``, ``window``, ``class_names``). Errors that concern
-    the whole run (model, device, options) are raised before the first input is read.
+    ``probabilities``: keep a segmentation's per-class maps (float16). ``workers`` and
+    ``nan_policy`` are those of ``extract_features``. ``source_options`` go to ``load_predictor``
+    (``model``, ``preprocess``, ``window``, ``class_names``). Errors that concern the whole run
+    (model, device, options) are raised before the first input is read.
     """
     predictor = source if isinstance(source, Predictor) else load_predictor(source, **source_options)
     if batch_size < 1:
         raise UsageError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= overlap < 1:
         raise UsageError(f"overlap must lie in [0, 1), got {overlap}")
-    items = _as_list(inputs)
+    check_reading(predictor.preprocess, workers, nan_policy)
+    items = as_list(inputs)
     dev = resolve_device(None if device is None else device, predictor.net)
     amp_dtype = check_amp(amp, dev, force=force_amp)
     net = _prepare(predictor.net, dev, fast)
-    bar = scan_progress_bar(len(items), progress, "predict")
+    stream = read_ahead(items, predictor.preprocess, workers=workers, nan_policy=nan_policy, device=dev)
+    return _run(predictor, net, stream, len(items), dev, amp_dtype, batch_size, overlap, probabilities, progress)
+
+
+def _run(predictor, net, stream, total, dev, amp_dtype, batch_size, overlap, probabilities, progress):
+    bar = scan_progress_bar(total, progress, "predict")
     chunk = batch_size if predictor.task == "cls" else 1
     try:
-        for group in _chunks(_read_ahead(items, predictor.preprocess, chunk + 1), chunk):
+        for group in _chunks(stream, chunk):
             results = {}
             ready = [item for item in group if item.error is None]
             try:
@@ -219,27 +180,12 @@ def iter_predictions(
             bar.close()
 
 
-def _failed(predictor: Predictor, item: _Loaded, message: str) -> Prediction:
-    message = message if item.name in message else f"{item.name}: {message}"
-    return Prediction(item.index, item.name, predictor.task, predictor.class_names, error=message)
+def _failed(predictor: Predictor, item: Loaded, message: str) -> Prediction:
+    return Prediction(item.index, item.name, predictor.task, predictor.class_names,
+                      error=failure_message(item.name, message))
 
 
-def _read_ahead(items: list, pre: Preprocess, ahead: int) -> Iterator[_Loaded]:
-    """The inputs read and preprocessed in a thread, ``ahead`` scans before the network needs them."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="med3d-predict")
-    pending: deque = deque()
-    try:
-        for index, item in enumerate(items):
-            pending.append(pool.submit(_load, item, index, pre))
-            if len(pending) > ahead:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _chunks(stream: Iterator[_Loaded], size: int) -> Iterator[list[_Loaded]]:
+def _chunks(stream: Iterator[Loaded], size: int) -> Iterator[list[Loaded]]:
     group = []
     for item in stream:
         group.append(item)
@@ -250,37 +196,33 @@ def _chunks(stream: Iterator[_Loaded], size: int) -> Iterator[list[_Loaded]]:
         yield group
 
 
-def _autocast(device: torch.device, dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def _segment(predictor, net, item: _Loaded, device, amp_dtype, batch_size, overlap, keep_probs) -> Prediction:
-    x = item.x[None].to(device)
-    with torch.inference_mode(), _autocast(device, amp_dtype):
+def _segment(predictor, net, item: Loaded, device, amp_dtype, batch_size, overlap, keep_probs) -> Prediction:
+    x = to_device(item.x, device)[None]
+    with torch.inference_mode(), autocast(device, amp_dtype):
         logits = sliding_window(x, predictor.window, net, batch_size=batch_size, overlap=overlap)[0]
         probs = torch.softmax(logits, dim=0).cpu()
-    grid = geometry.grid_of(predictor.preprocess, item.volume, probs.shape[1:])
-    probs = geometry.to_scan_grid(probs, predictor.preprocess, grid)
+    scan = item.scan
+    probs = geometry.to_scan_grid(probs, predictor.preprocess, scan.grid)
     affine, shape, header = _file_grid(item)
     mask = probs.argmax(dim=0).to(torch.uint8).numpy()
-    mask = geometry.from_canonical(mask, item.volume.affine, affine, shape)
-    maps = geometry.from_canonical(probs.half().numpy(), item.volume.affine, affine, shape) if keep_probs else None
+    mask = geometry.from_canonical(mask, scan.affine, affine, shape)
+    maps = geometry.from_canonical(probs.half().numpy(), scan.affine, affine, shape) if keep_probs else None
     return Prediction(item.index, item.name, "seg", predictor.class_names, mask=mask, probabilities=maps,
-                      affine=affine, header=header, kind=item.kind)
+                      affine=affine, header=header, kind=scan.kind)
 
 
-def _classify(predictor, net, items: list[_Loaded], device, amp_dtype) -> list[Prediction]:
+def _classify(predictor, net, items: list[Loaded], device, amp_dtype) -> list[Prediction]:
     """One forward for volumes of one preprocessed shape (a classification's fixed size); else one each."""
     shapes = {tuple(item.x.shape) for item in items}
     groups = [items] if len(shapes) == 1 else [[item] for item in items]
     out = []
     for group in groups:
-        with torch.inference_mode(), _autocast(device, amp_dtype):
-            logits = net(torch.stack([item.x for item in group]).to(device)).float()
+        with torch.inference_mode(), autocast(device, amp_dtype):
+            logits = net(torch.stack([to_device(item.x, device) for item in group])).float()
             probs = torch.softmax(logits, dim=1).cpu().numpy()
         for item, p in zip(group, probs):
             out.append(Prediction(item.index, item.name, "cls", predictor.class_names, probabilities=p,
-                                  label=int(p.argmax()), affine=item.volume.affine, kind=item.kind))
+                                  label=int(p.argmax()), affine=item.scan.affine, kind=item.scan.kind))
     return out
 
 
@@ -293,5 +235,5 @@ def predict(source: Source | Predictor, inputs: Input | Iterable[Input], **optio
     results = list(iter_predictions(source, inputs, **options))
     failed = [(r.name, r.error) for r in results if not r.ok]
     if failed:
-        raise PredictionError(failed, len(results))
+        raise InputsFailedError(failed, len(results), "med3d_hub.inference.predict.iter_predictions")
     return results
