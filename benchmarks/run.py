@@ -19,6 +19,8 @@ Sections (``--sections``, default all):
   (I/O, preprocessing, forward, writing), and the share of the time spent outside the network.
 - ``train``: co-training steps/s of ``python -m med3d_hub.train`` on synthetic MSD tasks, and the
   samples/s of its data loader alone.
+- ``memory``: the peak resident memory of ``med3d features`` (and its reading workers) on a
+  full-size uint16 + slope CT, beside MONAI's preprocessing of the same file (``benchmarks/memory.py``).
 
 Each timing runs in a fresh process (``benchmarks/worker.py``) unless ``--quick``; medians of
 repeated runs after warm-up; every process reports its peak resident memory. The machine, the
@@ -48,7 +50,7 @@ if str(ROOT) not in sys.path:
 
 DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
-SECTIONS = ("forward", "load", "features", "train")
+SECTIONS = ("forward", "load", "features", "train", "memory")
 
 TARGETS = {
     "fast": 1.6,  # fast path throughput / upstream eager baseline, every depth and shape
@@ -78,6 +80,10 @@ FULL = {
     "train_steps": 25,
     "train_log_every": 5,
     "loader_batches": 60,
+    "memory_shape": (512, 512, 600),  # the full-size CT of benchmarks/memory.py
+    "memory_size": (56, 448, 448),
+    "memory_workers": (0, 1, 2),
+    "memory_monai": True,
 }
 QUICK = {
     "forward_archs": ("resnet10", "resnet50"),
@@ -97,6 +103,10 @@ QUICK = {
     "train_steps": 3,
     "train_log_every": 1,
     "loader_batches": 6,
+    "memory_shape": (48, 48, 32),
+    "memory_size": (16, 32, 32),
+    "memory_workers": (1,),
+    "memory_monai": False,
 }
 
 VARIANT_LABELS = {
@@ -550,6 +560,19 @@ def section_features(runner: Runner, cfg: dict, args) -> dict:
     return {"rows": rows}
 
 
+# -- (e) memory -------------------------------------------------------------------------------------------------
+
+
+def section_memory(runner: Runner, cfg: dict, args) -> dict:
+    from benchmarks import memory
+
+    result = memory.run(runner.work / "memory", cfg["memory_shape"], cfg["memory_size"], cfg["memory_workers"],
+                        cfg["memory_monai"], log=runner.log)
+    for row in result["rows"]:
+        row["ok"] = row["exit_code"] == 0
+    return result
+
+
 # -- (d) co-training -------------------------------------------------------------------------------------------
 
 
@@ -724,6 +747,10 @@ def render_markdown(report: dict) -> str:
             extra = f" ({r['workers']} workers)" if "workers" in r else ""
             lines.append(f"| {r['what']}{extra} | {r.get('arch', '-')} | {_shape(r['crop'])} x {r['batch']} | {steps} | "
                          f"{r['samples_per_s']:.2f} | {ratio} | {_gb(r['peak_bytes'])} |")
+    if "memory" in res:
+        from benchmarks import memory
+
+        lines += ["", "### Peak memory of `med3d features` on one CT (process tree, PSS)", "", memory.table(res["memory"])]
     if report["targets"]:
         lines += ["", "### Targets", "", "| target | measured | goal | held | missed by |", "|---|---|---|---|---|"]
         for t in report["targets"]:
@@ -804,7 +831,8 @@ def main(argv: list[str] | None = None) -> int:
               "quick": args.quick, "device": args.device, "started": _dt.datetime.now().isoformat(timespec="seconds"),
               "machine": machine, "config": {k: v for k, v in cfg.items()}, "targets_goal": TARGETS,
               "sections": {}, "results": {}}
-    functions = {"forward": section_forward, "load": section_load, "features": section_features, "train": section_train}
+    functions = {"forward": section_forward, "load": section_load, "features": section_features, "train": section_train,
+                 "memory": section_memory}
     try:
         for name in args.sections:
             if args.wait_quiet:

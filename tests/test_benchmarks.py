@@ -33,11 +33,12 @@ def quick_report(tmp_path_factory):
 def test_quick_run_writes_json_and_markdown(quick_report):
     out, report, markdown, stdout = quick_report
     assert report["quick"] is True
-    assert set(report["results"]) == {"forward", "load", "features", "train"}
+    assert set(report["results"]) == {"forward", "load", "features", "train", "memory"}
     assert report["machine"]["threads"] >= 1 and report["machine"]["torch"]
     for name, section in report["sections"].items():
         assert len(section["load_before"]["loadavg"]) == 3, name
-    for heading in ("### Forward", "### Loading weights", "### `med3d features`", "### Co-training", "### Targets"):
+    for heading in ("### Forward", "### Loading weights", "### `med3d features`", "### Co-training", "### Peak memory",
+                    "### Targets"):
         assert heading in markdown
     assert "load average" in stdout
 
@@ -73,6 +74,14 @@ def test_features_and_training_ran(quick_report):
     assert features["output_ok"] and features["volumes"] == 2 and 0 <= features["outside_share"] <= 1
     step, loader = report["results"]["train"]["rows"]
     assert step["steps_per_s"] > 0 and loader["samples_per_s"] > 0
+
+
+def test_memory_is_measured_over_the_process_tree(quick_report):
+    _, report, _, _ = quick_report
+    (row,) = report["results"]["memory"]["rows"]
+    assert row["ok"] and row["workers"] == 1 and row["processes"] >= 1
+    assert 0 < row["peak_pss_bytes"] <= row["peak_rss_sum_bytes"] <= row["sum_of_process_peaks_bytes"] * 1.01
+    assert report["results"]["memory"]["verdict"]["one_worker_bytes"] == row["peak_pss_bytes"]
 
 
 def test_a_local_weights_file_is_hashed_once_until_it_changes(tmp_path, hf_cache, monkeypatch):
