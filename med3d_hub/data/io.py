@@ -427,8 +427,9 @@ def _one_series(folder: Path, uid: str | None = None) -> list:
         )
     if uid is None and len(series) > 1:
         raise VolumeReadError(
-            f"{folder}: holds {len(series)} DICOM series; pick one with series=UID (--series UID), or give "
-            f"the folder to med3d features or predict, which read each series. Series (SeriesInstanceUID):\n{listing}"
+            f"{folder}: holds {len(series)} DICOM series; pick one with series=UID (--series UID), or read each "
+            "(med3d features and predict do; in Python, med3d_hub.data.inputs.expand_inputs lists them). "
+            f"Series (SeriesInstanceUID):\n{listing}"
         )
     slices = series[uid] if uid is not None else next(iter(series.values()))
     if int(slices[0].get("NumberOfFrames", 1) or 1) > 1:
