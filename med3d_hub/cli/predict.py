@@ -19,8 +19,8 @@ PREDICT_EPILOG = f"""examples:
   {PROG} predict runs/brain-ft --channels a_t1.nii.gz,a_t2.nii.gz -o masks/   a model of two input channels
 
 A segmentation writes SCAN.nii.gz (uint8 labels, the input's shape and affine), SCAN.json (the label
-names) and, with --probabilities, SCAN_probabilities.npz (float16 maps); series UID of a DICOM folder of several
-is FOLDER_UID.nii.gz, and a case of several channel files is named after its first file. Exit code 1: some inputs failed
+names) and, with --probabilities, SCAN_probabilities.npz (float16 maps). Each series of a DICOM folder of several
+writes FOLDER_UID.nii.gz; a case of several channel files is named after its first file. Exit code 1: some inputs failed
 (the others were written); 2: a usage error."""
 
 
