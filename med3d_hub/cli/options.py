@@ -136,22 +136,20 @@ def add_progress_option(p: argparse.ArgumentParser) -> None:
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return _whole_number(text, 1, "a positive integer")
 
 
 def channel_index(text: str) -> int:
+    return _whole_number(text, 0, "a channel number (0, 1, ...)")
+
+
+def _whole_number(text: str, minimum: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a channel number (0, 1, ...), got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a channel number (0, 1, ...), got {text!r}")
+        value = minimum - 1
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
 
 

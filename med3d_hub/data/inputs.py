@@ -131,10 +131,8 @@ def read_case_table(path: str | os.PathLike) -> list[InputItem]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
-    except OSError as err:
-        raise UsageError(f"{path}: cannot read it ({err.strerror or err})") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{path}: not a UTF-8 text file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: cannot read it as UTF-8 text ({getattr(err, 'strerror', None) or err})") from None
     rows = [row for row in csv.reader(text.splitlines()) if any(cell.strip() for cell in row)]
     if len(rows) < 2:
         raise UsageError(f"{path}: needs a header (one column per channel, optionally 'name') and one row per case")
