@@ -135,10 +135,10 @@ def test_the_channels_of_a_case_share_one_grid(tmp_path):
     moved[:3, 3] += [0.0, 0.0, 2.0]
     elsewhere = write_nifti(tmp_path / "t2_moved.nii.gz", scan(2), moved)
     smaller = write_nifti(tmp_path / "t2_small.nii.gz", scan(2, (18, 20, 15)), affine)
-    for other in (elsewhere, smaller):
+    for other, why in ((elsewhere, "affines differ by up to 2 mm"), (smaller, "shape")):
         with pytest.raises(VolumeReadError, match="channel 1 is on another voxel grid than channel 0") as info:
             read_channels([t1, other])
-        assert str(other) in str(info.value) and "Resample" in str(info.value)
+        assert str(other) in str(info.value) and why in str(info.value) and "Resample" in str(info.value)
 
 
 def test_channels_are_preprocessed_alike_and_normalised_each(tmp_path):
@@ -193,6 +193,10 @@ def test_every_series_of_a_study_is_found_in_its_sub_folders(study):
         volume = read_input(item)
         np.testing.assert_array_equal(volume.array, expected.array)
         np.testing.assert_allclose(volume.affine, expected.affine)
+
+    again = expand_inputs([item.name for item in items])  # the names read the same series again
+    assert [(item.name, item.series) for item in again] == [(item.name, item.series) for item in items]
+    np.testing.assert_array_equal(read_input(again[1]).array, read_volume(study["alone"][1]).array)
 
     (picked,) = expand_inputs([str(folder)], series=UIDS[2])
     assert picked.name == f"{folder}#{UIDS[2]}"
@@ -290,6 +294,11 @@ def test_features_and_predict_give_each_series_of_a_folder(study, seg_weights, t
     assert med3d(["features", *map(str, study["alone"]), *SMALL, "-o", str(tmp_path / "alone.csv")]) == 0
     for row, alone in zip(rows.values(), csv_rows(tmp_path / "alone.csv").values()):
         np.testing.assert_array_equal(row, alone)
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(reversed(rows)) + "\n")  # the rows' names, as inputs again
+    assert med3d(["features", "--inputs-from", str(listing), *SMALL, "-o", str(tmp_path / "again.csv")]) == 0
+    again = csv_rows(tmp_path / "again.csv")
+    assert list(again) == list(reversed(rows)) and all(np.array_equal(again[k], rows[k]) for k in rows)
     assert med3d(["features", str(folder), "--series", UIDS[1], *SMALL, "-o", str(out)]) == 0
     assert list(csv_rows(out)) == [f"{folder}#{UIDS[1]}"]
     np.testing.assert_array_equal(csv_rows(out)[f"{folder}#{UIDS[1]}"], rows[f"{folder}/mixed#{UIDS[1]}"])

@@ -83,7 +83,8 @@ def expand_inputs(entries: Iterable[str | os.PathLike | InputItem | Sequence[str
                   channel: int | str | None = None) -> list[InputItem]:
     """The items of the user's entries, in order: a path, a list of paths (one case, one file per channel),
     or an ``InputItem`` (kept). A folder gives one item per DICOM series under it (found in sub-folders
-    too); ``series`` picks one; ``channel`` applies to every file."""
+    too), and the name of one, ``<folder>#<UID>``, reads that series again; ``series`` picks one;
+    ``channel`` applies to every file."""
     items: list[InputItem] = []
     for entry in entries:
         if isinstance(entry, InputItem):
@@ -99,6 +100,9 @@ def expand_inputs(entries: Iterable[str | os.PathLike | InputItem | Sequence[str
 
 
 def _items_of(path: str, series: str | None, channel) -> list[InputItem]:
+    folder, _, uid = path.rpartition("#")
+    if uid and not os.path.exists(path) and os.path.isdir(folder):  # a series' name given back as an input
+        return [InputItem(path, (folder,), uid, channel)]
     if not os.path.isdir(path):
         return [InputItem(path, (path,), None, channel)]
     if series is not None:

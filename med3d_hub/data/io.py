@@ -139,10 +139,12 @@ def read_channels(paths, *, series: str | None = None) -> Volume:
     first = volumes[0]
     for index, volume in enumerate(volumes[1:], start=1):
         if volume.shape != first.shape or not np.allclose(volume.affine, first.affine, atol=1e-3):
+            shift = float(np.abs(volume.affine - first.affine).max())
             raise VolumeReadError(
                 f"{volume.source}: channel {index} is on another voxel grid than channel 0 ({first.source}): "
-                f"shape {volume.shape} vs {first.shape}, voxel-to-world affine\n{volume.affine}\nvs\n{first.affine}\n"
-                "Resample the channels onto one grid first (e.g. SimpleITK.Resample onto channel 0)."
+                + (f"shape {volume.shape} vs {first.shape}" if volume.shape != first.shape
+                   else f"their voxel-to-world affines differ by up to {shift:.3g} mm")
+                + "; resample the channels onto one grid first (e.g. SimpleITK.Resample onto channel 0)."
             )
     array = np.stack([np.asarray(v.array, dtype=np.result_type(*(v.array.dtype for v in volumes)))
                       for v in volumes])
