@@ -25,8 +25,11 @@ preprocessing is stored beside the weights in the manifest as a small dict and r
 4. ``size`` ([D, H, W] or null) with ``size_mode``: ``resize`` interpolates (trilinear) to exactly
    that size; ``crop_pad`` centre-crops and zero-pads (0 is the mean after a z-score).
 
-The result is a float32 tensor of shape (1, D, H, W): the channel axis first, ready to batch.
-The work is done with torch and numpy on the CPU; MONAI is not needed.
+The result is a float32 tensor of shape (1, D, H, W): the channel axis first, ready to batch. A
+volume of several channels on one grid ((C, D, H, W), e.g. MRI modalities) gives (C, D, H, W): the
+channels are resampled and resized alike, cropped to the box of the voxels non-zero in any channel,
+and each is normalised with its own statistics. The work is done with torch and numpy on the CPU;
+MONAI is not needed.
 
 Memory: a volume is copied once, into float32 (not even that with ``apply(..., inplace=True)`` on a
 float32 array nobody else holds); clipping and the z-score work in place, and the percentiles of
@@ -75,9 +78,9 @@ def _paper_intensity() -> dict:
 
 @dataclass(frozen=True)
 class Grid:
-    """The shapes a volume took on its way through a ``Preprocess``."""
+    """The (D, H, W) shapes a volume took on its way through a ``Preprocess``."""
 
-    canonical: tuple[int, int, int]  # as read (D, H, W)
+    canonical: tuple[int, int, int]  # as read
     resampled: tuple[int, int, int]  # after ``spacing``
     box: tuple[slice, slice, slice] | None  # the crop to the non-zero voxels, in the resampled grid
     network: tuple[int, int, int]  # what the network saw
@@ -128,11 +131,12 @@ class Preprocess:
         return dataclasses.replace(self, **overrides)
 
     def __call__(self, volume: Volume | np.ndarray) -> torch.Tensor:
-        """Preprocess a ``Volume`` or a (D, H, W) array at 1 mm into a (1, D, H, W) float32 tensor."""
+        """Preprocess a ``Volume`` or a (D, H, W) array at 1 mm into a (1, D, H, W) float32 tensor
+        (a (C, D, H, W) ``Volume`` into (C, D, H, W))."""
         return self.apply(volume)[0]
 
     def apply(self, volume: Volume | np.ndarray, *, inplace: bool = False) -> tuple[torch.Tensor, Grid]:
-        """The (1, D, H, W) float32 tensor and the ``Grid`` of its steps.
+        """The (C, D, H, W) float32 tensor and the ``Grid`` of its steps.
 
         ``inplace``: the volume's array may be overwritten (a float32 array read for this call
         alone), which saves the copy into float32.
@@ -146,21 +150,23 @@ class Preprocess:
                 f"expected a med3d_hub.data.io.Volume or a numpy array, got {type(volume).__name__}; "
                 "read files with med3d_hub.data.io.read_volume."
             )
-        if array.ndim != 3 or 0 in array.shape:
+        if not (array.ndim == 3 or (array.ndim == 4 and isinstance(volume, Volume))) or 0 in array.shape:
             raise UsageError(f"expected a non-empty 3-D (D, H, W) volume, got shape {array.shape}.")
         x = _float32(array, inplace)  # owned by us from here, so later steps work in place
-        canonical = tuple(x.shape)
+        x = x[None] if x.ndim == 3 else x  # (C, D, H, W) from here on
+        canonical = tuple(x.shape[1:])
 
         if self.spacing is not None:
-            x = _interpolate(x, resampled_shape(x.shape, spacing, self.spacing))
-        resampled = tuple(x.shape)
+            x = _interpolate(x, resampled_shape(x.shape[1:], spacing, self.spacing))
+        resampled = tuple(x.shape[1:])
         box = foreground_box(x) if self.crop_foreground else None
         if box is not None:
-            x = x[box]
-        x = _normalise(x, self.intensity)
+            x = x[(slice(None), *box)]
+        for channel in x:  # each channel with its own statistics, in place
+            _normalise(channel, self.intensity)
         if self.size is not None:
             x = _interpolate(x, self.size) if self.size_mode == "resize" else _crop_pad(x, self.size)
-        return x.contiguous().unsqueeze(0), Grid(canonical, resampled, box, tuple(x.shape))
+        return x.contiguous(), Grid(canonical, resampled, box, tuple(x.shape[1:]))
 
 
 def transforms_for(model_or_cfg: Any = None, **overrides: Any) -> Preprocess:
@@ -259,8 +265,9 @@ def resampled_shape(shape, spacing, target) -> tuple[int, int, int]:
 
 
 def foreground_box(x: torch.Tensor) -> tuple[slice, slice, slice] | None:
-    """The bounding box of the non-zero voxels (the ``crop_foreground`` step); None for an all-zero volume."""
-    mask = x != 0
+    """The (D, H, W) box of the voxels non-zero in any channel of (C, D, H, W) ``x`` (``crop_foreground``);
+    None for an all-zero volume."""
+    mask = x[0] != 0 if len(x) == 1 else (x != 0).any(dim=0)
     if not mask.any():
         return None
     box = []
@@ -287,24 +294,21 @@ def percentiles(values: np.ndarray, qs, *, max_bins: int = 1 << 22) -> np.ndarra
     index = (values.size - 1) * q  # numpy's "linear": the (n - 1) * q-th order statistic
     below = np.floor(index)
     gamma = index - below
-    rank_of = lambda r: low + np.searchsorted(cumulative, r, side="right")  # noqa: E731
-    a = rank_of(below).astype(np.float64)
-    b = rank_of(np.minimum(below + 1, values.size - 1)).astype(np.float64)
+    a = (low + np.searchsorted(cumulative, below, side="right")).astype(np.float64)
+    b = (low + np.searchsorted(cumulative, np.minimum(below + 1, values.size - 1), side="right")).astype(np.float64)
     diff = b - a
-    out = a + diff * gamma
-    return np.where(gamma >= 0.5, b - diff * (1 - gamma), out)  # numpy's _lerp, to the last bit
+    return np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)  # numpy's _lerp, to the last bit
 
 
 def _histogram(values: np.ndarray, max_bins: int) -> tuple[int, np.ndarray] | None:
     """(lowest value, counts from it) of integer ``values``, or None when they are not integers in a small range."""
     if values.size == 0 or values.ndim == 0:
         return None
-    slabs = values.reshape(-1, *values.shape[-2:]) if values.ndim >= 2 else values[None]
     low, high = float(values.min()), float(values.max())
     if not (np.isfinite(low) and np.isfinite(high)) or high - low + 1 > max_bins or low != int(low):
         return None
     hist = np.zeros(int(high - low) + 1, np.int64)
-    for slab in slabs:
+    for slab in values.reshape(-1, *values.shape[-2:]) if values.ndim >= 2 else values[None]:
         whole = slab.astype(np.int64)
         if not np.issubdtype(slab.dtype, np.integer) and not np.array_equal(whole, slab):
             return None
@@ -321,15 +325,16 @@ def _float32(array: np.ndarray, inplace: bool) -> torch.Tensor:
 
 
 def _interpolate(x: torch.Tensor, shape) -> torch.Tensor:
-    if tuple(x.shape) == tuple(shape):
+    """(C, D, H, W) -> (C, *shape), trilinear."""
+    if tuple(x.shape[1:]) == tuple(shape):
         return x
-    return F.interpolate(x[None, None], size=tuple(shape), mode="trilinear", align_corners=False)[0, 0]
+    return F.interpolate(x[None], size=tuple(shape), mode="trilinear", align_corners=False)[0]
 
 
 def _crop_pad(x: torch.Tensor, size) -> torch.Tensor:
-    """Centre-crop axes longer than ``size`` and zero-pad shorter ones (extra voxel at the end)."""
-    crop, pad = [], []
-    for n, target in zip(x.shape, size):
+    """Centre-crop axes of (C, D, H, W) longer than ``size`` and zero-pad shorter ones (extra voxel at the end)."""
+    crop, pad = [slice(None)], []
+    for n, target in zip(x.shape[1:], size):
         start = max(0, (n - target) // 2)
         crop.append(slice(start, start + min(n, target)))
         before = max(0, (target - n) // 2)
@@ -348,7 +353,7 @@ def _zscore_(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 def _normalise(x: torch.Tensor, spec: dict) -> torch.Tensor:
-    """The intensity step, in place on ``x`` (ours: a copy or a crop view of one)."""
+    """The intensity step of one (D, H, W) channel, in place on ``x`` (ours: a copy or a view of one)."""
     method = spec["method"]
     if method == "percentile_zscore":
         low, high = percentiles(x.numpy(), [spec["lower"], spec["upper"]])

@@ -94,12 +94,6 @@ def _check_model(model: nn.Module, maps: str) -> None:
             f"{type(model).__name__} lacks {', '.join(missing)}; pass a model from med3d_hub.create_model "
             "(not one wrapped by torch.compile or DataParallel)."
         )
-    in_chans = getattr(model, "in_chans", 1)
-    if in_chans != 1:
-        raise UsageError(
-            f"the model takes {in_chans} input channels, but volumes are read as one channel; "
-            "feed multi-channel inputs to the model yourself."
-        )
 
 
 def _prepare(model: nn.Module, device: torch.device, fast: bool) -> nn.Module:
@@ -192,7 +186,8 @@ def iter_features(
     amp_dtype = check_amp(amp, device, force=force_amp)
     items = as_list(inputs)
     names = [input_name(item, i) for i, item in enumerate(items)]
-    stream = read_ahead(items, transform, workers=workers, nan_policy=nan_policy, device=device, names=names)
+    stream = read_ahead(items, transform, workers=workers, nan_policy=nan_policy, device=device, names=names,
+                        in_chans=getattr(model, "in_chans", 1))
     return _run(model, stream, len(items), maps, batch_size, device, amp_dtype, fast, progress)
 
 
@@ -252,8 +247,10 @@ def extract_features(
 
     Args:
         model: a model from ``create_model`` (any head; its backbone is used).
-        inputs: paths (NIfTI, DICOM series folders, ``.npy``), ``Volume`` objects or (D, H, W)
-            arrays (taken at 1 mm); a single one is accepted too.
+        inputs: paths (NIfTI, NRRD, MetaImage, DICOM series folders, ``.npy``), ``InputItem``s
+            (``med3d_hub.data.inputs.expand_inputs``: each series of a DICOM folder, one channel of a
+            4-D image, one file per channel), ``Volume`` objects or (D, H, W) arrays (taken at 1 mm);
+            a single one is accepted too. A model with ``in_chans`` > 1 takes inputs of that many channels.
         preprocess: None for the weights' own preprocessing (``transforms_for(model)``), or a
             ``Preprocess``, a preprocessing dict, or any callable returning a (1, D, H, W) tensor.
         maps: "pooled" -> (N, C) embeddings; "layer4" -> (N, C, d, h, w) maps (needs equal

@@ -54,7 +54,8 @@ PredictionError = InputsFailedError
 class Prediction(InputResult):
     """The outcome for one input. A segmentation's ``mask`` (uint8) and ``probabilities`` ((K, ...)
     float16, on request) lie on the input's own voxel grid, which ``affine`` maps to RAS+ mm: a
-    NIfTI file's own axes and affine, a DICOM series' axes in RAS+ order, an array's (D, H, W). A
+    NIfTI file's own axes and affine, a DICOM series' or an NRRD/MetaImage file's axes in RAS+ order,
+    an array's (D, H, W). A
     classification has ``probabilities`` (K,) and the arg-max ``label``."""
 
     index: int
@@ -66,7 +67,7 @@ class Prediction(InputResult):
     label: int | None = None
     affine: np.ndarray | None = None
     header: Any = field(default=None, repr=False)  # the input NIfTI's header, kept for the mask file
-    kind: str = "array"  # "nifti", "dicom" or "array": how the input was stored
+    kind: str = "array"  # "nifti", "dicom", "image" (NRRD, MetaImage) or "array": how the input was stored
     error: str | None = None
 
     @property
@@ -82,7 +83,7 @@ def _file_grid(loaded: Loaded) -> tuple[np.ndarray, tuple, Any]:
 
         image = nib.load(scan.source)
         return image.affine.astype(np.float64), tuple(image.shape[:3]), image.header
-    if scan.kind == "dicom":  # RAS+ order of the series' voxels: a NIfTI with the series' geometry
+    if scan.kind in ("dicom", "image"):  # RAS+ order of the scan's voxels: a NIfTI with the scan's geometry
         return scan.affine @ geometry.DHW_TO_IJK, tuple(reversed(scan.shape)), None
     return scan.affine, tuple(scan.shape), None
 
@@ -152,7 +153,8 @@ def iter_predictions(
     dev = resolve_device(None if device is None else device, predictor.net)
     amp_dtype = check_amp(amp, dev, force=force_amp)
     net = _prepare(predictor.net, dev, fast)
-    stream = read_ahead(items, predictor.preprocess, workers=workers, nan_policy=nan_policy, device=dev)
+    stream = read_ahead(items, predictor.preprocess, workers=workers, nan_policy=nan_policy, device=dev,
+                        in_chans=_in_chans(predictor.net))
     return _run(predictor, net, stream, len(items), dev, amp_dtype, batch_size, overlap, probabilities, progress)
 
 
@@ -183,6 +185,11 @@ def _run(predictor, net, stream, total, dev, amp_dtype, batch_size, overlap, pro
 def _failed(predictor: Predictor, item: Loaded, message: str) -> Prediction:
     return Prediction(item.index, item.name, predictor.task, predictor.class_names,
                       error=failure_message(item.name, message))
+
+
+def _in_chans(net: nn.Module) -> int:
+    """The input channels of a zoo model or of a fine-tuning network's encoder."""
+    return int(getattr(net, "in_chans", None) or getattr(getattr(net, "encoder", None), "in_chans", 1))
 
 
 def _chunks(stream: Iterator[Loaded], size: int) -> Iterator[list[Loaded]]:

@@ -24,23 +24,24 @@ import os
 import pickle
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.io import Volume, read_volume
+from ..data.inputs import InputItem, as_item, read_input
+from ..data.io import Volume
 from ..data.preprocess import Grid, Preprocess
 from ..errors import Med3DError, UsageError
 
 __all__ = [
-    "NAN_POLICIES", "PER_WORKER", "Input", "InputResult", "InputsFailedError", "Loaded", "Scan", "as_list", "check_reading",
-    "default_workers", "failure_message", "input_name", "read_ahead", "scan_progress_bar", "to_device",
+    "NAN_POLICIES", "PER_WORKER", "Input", "InputResult", "InputsFailedError", "Loaded", "Scan", "as_list", "check_channels",
+    "check_reading", "default_workers", "failure_message", "input_name", "read_ahead", "scan_progress_bar", "to_device",
 ]
 
-Input = Union[str, os.PathLike, Volume, np.ndarray, torch.Tensor]
+Input = Union[str, os.PathLike, InputItem, Volume, np.ndarray, torch.Tensor]
+_FILES = (str, os.PathLike, InputItem)  # inputs the pipeline reads (the others are in memory already)
 NAN_POLICIES = ("error", "zero")  # what to do with NaN or infinite voxels in an input
 PER_WORKER = 2  # volumes a worker may have read ahead: one being read, one waiting for the network
 
@@ -69,8 +70,8 @@ class InputResult:
 class Scan:
     """What is known of an input once it is read: enough to put a result back on its grid."""
 
-    source: str  # the path as given, or "<array i>" / the Volume's source
-    kind: str  # "nifti", "dicom" or "array": how the input was stored
+    source: str  # the file (of the first channel) it was read from, or "<array i>" / the Volume's source
+    kind: str  # "nifti", "dicom", "image" (NRRD, MetaImage) or "array": how the (first channel) was stored
     shape: tuple[int, int, int]  # canonical (D, H, W)
     spacing: tuple[float, float, float]
     affine: np.ndarray  # canonical voxel -> RAS+ mm
@@ -96,7 +97,7 @@ class Loaded:
 
 def as_list(inputs: Any) -> list:
     """One input or many, as a list: a (N, D, H, W) array is N volumes."""
-    if isinstance(inputs, (str, os.PathLike, Volume, torch.Tensor)):
+    if isinstance(inputs, (*_FILES, Volume, torch.Tensor)):
         return [inputs]
     if isinstance(inputs, np.ndarray):
         if inputs.ndim == 3:
@@ -111,6 +112,8 @@ def as_list(inputs: Any) -> list:
 
 
 def input_name(item: Any, index: int) -> str:
+    if isinstance(item, InputItem):
+        return item.name
     if isinstance(item, Volume):
         return item.source
     if isinstance(item, (str, os.PathLike)):
@@ -125,7 +128,7 @@ def failure_message(name: str, message: str) -> str:
 
 def default_workers(items: Sequence = ()) -> int:
     """Half the CPUs this process may use (at most 8); 0 when every input is already in memory."""
-    if items and not any(isinstance(item, (str, os.PathLike)) for item in items):
+    if items and not any(isinstance(item, _FILES) for item in items):
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(8, cpus // 2))
@@ -150,21 +153,28 @@ def check_reading(transform: Callable, workers: int | None, nan_policy: str) -> 
 # -- one input, in a worker -------------------------------------------------------------------------
 
 
-def _kind(item: Any) -> str:
-    if isinstance(item, (str, os.PathLike)):
-        path = Path(item)
-        if path.is_dir():
-            return "dicom"
-        if path.name.lower().endswith((".nii", ".nii.gz")):
-            return "nifti"
-    return "array"
+def check_channels(channels: int, in_chans: int) -> None:
+    """An input of as many channels as the model takes, or an error saying how to give them."""
+    if channels != in_chans:
+        raise UsageError(
+            f"{channels} channel(s), but the model takes {in_chans}: give one file per channel (--channels "
+            "FILE,FILE,..., or a CSV with a column per channel) or a 4-D image with --channel all"
+            if in_chans > 1 else
+            f"{channels} channels, but the model takes one: pick one with --channel N (channel=N)"
+        )
+
+
+def _slabs(array: np.ndarray) -> Iterator[np.ndarray]:
+    """The 2-D slabs of a ([C,] D, H, W) array, as views."""
+    for volume in array if array.ndim == 4 else (array,):
+        yield from volume
 
 
 def _finite(array: np.ndarray, nan_policy: str, owned: bool) -> np.ndarray:
     """``array``, checked for NaN and infinite voxels slab by slab (no full-size mask): an error, or zeros."""
     if not np.issubdtype(array.dtype, np.inexact):
         return array
-    count = sum(int(np.count_nonzero(~np.isfinite(slab))) for slab in array)
+    count = sum(int(np.count_nonzero(~np.isfinite(slab))) for slab in _slabs(array))
     if not count:
         return array
     if nan_policy == "error":
@@ -174,23 +184,23 @@ def _finite(array: np.ndarray, nan_policy: str, owned: bool) -> np.ndarray:
         )
     if not (owned and array.flags.writeable):
         array = array.copy()
-    for slab in array:
+    for slab in _slabs(array):
         slab[~np.isfinite(slab)] = 0
     return array
 
 
-def load(item: Any, index: int, name: str, transform: Callable, nan_policy: str = "error") -> Loaded:
-    """Read and preprocess one input; any error becomes a ``Loaded`` whose message names the input."""
+def load(item: Any, index: int, name: str, transform: Callable, nan_policy: str = "error", in_chans: int = 1) -> Loaded:
+    """Read (``data/inputs.read_input``) and preprocess one input; any error becomes a ``Loaded`` naming the input."""
     try:
         if isinstance(item, torch.Tensor):
             item = item.detach().cpu().numpy()
-        owned = isinstance(item, (str, os.PathLike))
+        owned = isinstance(item, _FILES)
         if isinstance(item, np.ndarray):
             if item.ndim != 3:
                 raise UsageError(f"an array input must be one (D, H, W) volume, got shape {item.shape}")
             volume = Volume(item, (1.0, 1.0, 1.0), np.eye(4), name)
         else:
-            volume = item if isinstance(item, Volume) else read_volume(item)
+            volume = item if isinstance(item, Volume) else read_input(item)
         array = _finite(volume.array, nan_policy, owned)
         if array is not volume.array:  # the NaN set to zero in a copy, which is ours
             owned, volume = True, Volume(array, volume.spacing, volume.affine, volume.source)
@@ -199,11 +209,14 @@ def load(item: Any, index: int, name: str, transform: Callable, nan_policy: str 
             x, grid = transform.apply(source, inplace=owned)
         else:
             x, grid = transform(source), None
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[0] != 1:
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
             raise UsageError(
-                f"the preprocessing returned {getattr(x, 'shape', type(x).__name__)}, expected a (1, D, H, W) tensor"
+                f"the preprocessing returned {getattr(x, 'shape', type(x).__name__)}, "
+                f"expected a ({in_chans}, D, H, W) tensor"
             )
-        scan = Scan(name, _kind(item), volume.shape, volume.spacing, volume.affine, grid)
+        check_channels(x.shape[0], in_chans)
+        kind = as_item(item).kind if isinstance(item, _FILES) else "array"
+        scan = Scan(volume.source, kind, volume.shape, volume.spacing, volume.affine, grid)
         return Loaded(index, name, x.float(), scan)
     except (OSError, ValueError) as err:  # FileNotFoundError, VolumeReadError, bad preprocessing
         message = str(err)
@@ -215,31 +228,33 @@ def load(item: Any, index: int, name: str, transform: Callable, nan_policy: str 
 class _Reader(Dataset):
     """Input i, read and preprocessed (in a worker process when there are workers)."""
 
-    def __init__(self, items: list, names: list[str], transform: Callable, nan_policy: str):
-        self.items, self.names, self.transform, self.nan_policy = items, names, transform, nan_policy
+    def __init__(self, items: list, names: list[str], transform: Callable, nan_policy: str, in_chans: int):
+        self.items, self.names, self.transform = items, names, transform
+        self.nan_policy, self.in_chans = nan_policy, in_chans
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> Loaded:
-        return load(self.items[i], i, self.names[i], self.transform, self.nan_policy)
+        return load(self.items[i], i, self.names[i], self.transform, self.nan_policy, self.in_chans)
 
 
 # -- the pipeline -----------------------------------------------------------------------------------
 
 
 def read_ahead(items: list, transform: Callable, *, workers: int | None = None, nan_policy: str = "error",
-               device: torch.device | None = None, names: list[str] | None = None) -> Iterator[Loaded]:
+               device: torch.device | None = None, names: list[str] | None = None, in_chans: int = 1) -> Iterator[Loaded]:
     """One ``Loaded`` per input, in input order, read by ``workers`` processes ahead of the caller.
 
-    ``device``: a CUDA device has the tensors pinned for ``to_device``. The workers start at the
+    ``in_chans``: the channels the network takes (an input with another count fails). ``device``: a
+    CUDA device has the tensors pinned for ``to_device``. The workers start at the
     first ``next`` and stop when the stream ends or is closed.
     """
     if not items:
         return
     names = names if names is not None else [input_name(item, i) for i, item in enumerate(items)]
     workers = min(default_workers(items) if workers is None else workers, len(items))
-    loader = DataLoader(_Reader(items, names, transform, nan_policy), batch_size=None, num_workers=workers,
+    loader = DataLoader(_Reader(items, names, transform, nan_policy, in_chans), batch_size=None, num_workers=workers,
                         prefetch_factor=PER_WORKER if workers else None,
                         pin_memory=device is not None and device.type == "cuda")
     yield from loader
