@@ -285,15 +285,12 @@ def _resize_skimage(x: torch.Tensor, size, fill: float) -> torch.Tensor:
         import scipy.ndimage as ndi
     except ImportError:
         raise UsageError("size_mode 'resize_skimage' is done with scipy: pip install scipy") from None
-    import warnings
-
     array = x.numpy().astype(np.float64)
     factors = np.divide(array.shape, size)
     if (factors > 1).any():  # skimage smooths before shrinking along any axis
-        array = ndi.gaussian_filter(array, np.maximum(0.0, (factors - 1) / 2), mode="constant", cval=fill)
-    with warnings.catch_warnings():  # scipy suggests grid-constant; skimage asks for constant
-        warnings.simplefilter("ignore", UserWarning)
-        out = ndi.zoom(array, 1.0 / factors, order=1, mode="constant", cval=fill, grid_mode=True)
+        array = ndi.gaussian_filter(array, np.maximum(0.0, (factors - 1) / 2), mode="grid-constant", cval=fill)
+    # skimage's mode "constant" is scipy's "grid-constant": the fill also enters the edge voxels' interpolation
+    out = ndi.zoom(array, 1.0 / factors, order=1, mode="grid-constant", cval=fill, grid_mode=True)
     low, high = min(float(x.min()), fill), max(float(x.max()), fill)
     return torch.from_numpy(np.clip(out, low, high).astype(np.float32))
 
