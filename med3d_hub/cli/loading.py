@@ -102,3 +102,24 @@ def command_preprocess(model, args: argparse.Namespace):
         return model_preprocess(model, args.model, overrides)
     base = conv.preprocess_for(model)
     return base.replace(**overrides) if overrides else base
+
+
+def preprocess_of(args: argparse.Namespace):
+    """The preprocessing a command would use, read from the table or the manifest where that says it.
+
+    Weights from a file or an ``hf://`` address carry their own recipe, so only those are loaded.
+    """
+    from ..inference.conventions import get_convention
+    from ..weights.factory import resolve_pretrained
+
+    name, pretrained = resolve_pretrained(args.model, args.pretrained)
+    if get_convention(args.convention).preprocess is None and isinstance(pretrained, str):
+        return command_preprocess(load_model(args)[0], args)
+    if get_convention(args.convention).preprocess is None and pretrained is True:
+        from ..data.preprocess import transforms_for
+        from ..networks.registry import split_name
+        from ..weights.manifest import find_entry
+
+        overrides = preprocess_overrides(args)
+        return transforms_for(find_entry(*split_name(name)).preprocess, **overrides)
+    return command_preprocess(None, args)
