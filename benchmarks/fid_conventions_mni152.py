@@ -17,7 +17,8 @@ that is about a minute per scan, so the default set size is small (``--n 3``).
 
     OMP_NUM_THREADS=2 nice -n 10 python benchmarks/fid_conventions_mni152.py --work /tmp/med3d-conventions
 
-Writes ``benchmarks/results/fid_conventions_mni152.{json,md}`` (``--out``).
+Writes ``benchmarks/results/fid_conventions_mni152.{json,md}`` (``--out``). Features already in
+``--work`` (from an interrupted run with the same options) are reused; ``--only`` runs some conventions.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--blur", type=float, default=2.0, help="Gaussian sigma of the second set, voxels (default 2)")
     parser.add_argument("--pretrained", default="none", help="'none' (random weights, the default) or 'default'")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="these conventions only (default: all)")
     args = parser.parse_args()
     start = time.perf_counter()
 
@@ -79,6 +81,8 @@ def main() -> None:
     done: dict[str, dict] = {}
     weights = [] if args.pretrained == "default" else ["--pretrained", args.pretrained, "--seed", str(args.seed)]
     for conv in list_conventions():
+        if args.only and conv.name not in args.only:
+            continue
         key = same_computation(conv)
         if key in done:
             rows.append({**done[key], "convention": conv.name, "seconds": 0.0, "same_as": done[key]["convention"]})
@@ -89,6 +93,8 @@ def main() -> None:
         for label, paths in scans.items():
             files[label] = args.work / conv.name / f"{label}.npz"
             files[label].parent.mkdir(parents=True, exist_ok=True)
+            if files[label].exists():  # made by an earlier run of the same command
+                continue
             med3d("features", *paths, "--convention", conv.name, *weights, "--device", "cpu", "-q",
                   "-o", str(files[label]))
         out = args.work / conv.name / "score.json"
@@ -113,6 +119,9 @@ def main() -> None:
 
     result = {"volumes_per_set": args.n, "blur_sigma_voxels": args.blur, "weights": args.pretrained,
               "seed": args.seed, "rows": rows, "seconds": round(time.perf_counter() - start, 1)}
+    if args.only:
+        print(table(rows), end="")
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fid_conventions_mni152.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "fid_conventions_mni152.md").write_text(table(rows))
