@@ -153,8 +153,17 @@ def _psd_factor(sigma: np.ndarray, name: str, n: int | None) -> np.ndarray:
         return np.linalg.cholesky(sigma)
     except np.linalg.LinAlgError:
         pass
+    _warn_singular(sigma, name, n, always=True)
+    values, vectors = np.linalg.eigh(sigma)
+    return vectors * np.sqrt(np.clip(values, 0.0, None))
+
+
+def _warn_singular(sigma: np.ndarray, name: str, n: int | None, *, always: bool) -> None:
+    """Warn that the covariance of ``name`` is singular: too few volumes, or constant features."""
     dim = len(sigma)
     constant = int((np.diag(sigma) <= 0).sum())
+    if not always and not constant and (n is None or n > dim):
+        return
     reasons = []
     if n is not None and n <= dim:
         reasons.append(f"{n} volumes for {dim} feature dimensions (rank at most {n - 1})")
@@ -165,9 +174,7 @@ def _psd_factor(sigma: np.ndarray, name: str, n: int | None) -> np.ndarray:
         advice = ("the FID is dominated by estimation noise and biased upwards; use more volumes than "
                   "feature dimensions (several times more is better), fewer dimensions (e.g. resnet10: 512), "
                   "or report KID, which has no such requirement")
-        warnings.warn(f"the covariance of {name} is singular ({why}): {advice}", SingularCovarianceWarning, stacklevel=4)
-    values, vectors = np.linalg.eigh(sigma)
-    return vectors * np.sqrt(np.clip(values, 0.0, None))
+        warnings.warn(f"the covariance of {name} is singular ({why}): {advice}", SingularCovarianceWarning, stacklevel=5)
 
 
 ESTIMATORS = ("eigen", "sqrtm")
@@ -190,6 +197,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, n1: int | None = None, n2: int
             f"covariances {sigma1.shape} and {sigma2.shape}"
         )
     if estimator == "sqrtm":
+        _warn_singular(sigma1, "the first set", n1, always=False)
+        _warn_singular(sigma2, "the second set", n2, always=False)
         trace_sqrt = _trace_sqrtm(sigma1, sigma2)
     else:
         f1 = _psd_factor(sigma1, "the first set", n1)
