@@ -37,6 +37,7 @@ examples:
   {PROG} download resnet50.3dseg8              fill the cache ahead (for offline clusters)
   {PROG} features scans/*.nii.gz dicom_dir/ --model resnet50 --pretrained 3dseg8 -o feats.npy
   {PROG} fid real/ synthetic/ --model resnet50 --json scores.json   FID, KID, MMD with provenance
+  {PROG} preview scan.nii.gz --convention ha-gan -o preview.png   what the network receives
   {PROG} export runs/3dseg8 --output export/           files ready to upload (nothing is sent)
   {PROG} publish runs/3dseg8 --repo-id org/med3d-resnet10 --tag 3dseg8-v2 --manifest weights.json
 
