@@ -26,6 +26,7 @@ import numpy as np
 from torch import nn
 
 from .. import __version__
+from ..data.io import SCAN_SUFFIXES
 from ..data.preprocess import Preprocess
 from .conventions import DEFAULT_CONVENTION, get_convention
 from ..errors import UsageError
@@ -54,7 +55,6 @@ MUST_MATCH = ("model", "weights", "weights_sha256", "parameters_sha256", "layer"
 DEFAULTS = {"estimator": "eigen"}
 FINGERPRINT_CHARS = 16
 FEATURE_FILES = (".npz", ".npy")
-SCAN_SUFFIXES = (".nii", ".nii.gz", ".npy")
 
 
 class ProvenanceMismatch(UsageError):
