@@ -25,16 +25,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.metrics_mni152 import corrupt, draw, template, write_set
-from med3d_hub.cli import app as cli
-from med3d_hub.inference.conventions import list_conventions
-
 HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # `python benchmarks/fid_conventions_mni152.py` from a clone
+    sys.path.insert(0, str(HERE.parent))
+
+from benchmarks.metrics_mni152 import corrupt, draw, template, write_set  # noqa: E402
+from med3d_hub.cli import app as cli  # noqa: E402
+from med3d_hub.inference.conventions import list_conventions  # noqa: E402
 
 
 def same_computation(conv) -> str:
