@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.preprocess import Grid, Preprocess
+from ..errors import UsageError
 
 __all__ = ["DHW_TO_IJK", "Grid", "from_canonical", "to_scan_grid"]
 
@@ -58,6 +59,9 @@ def _background(channels: int, shape, dtype) -> torch.Tensor:
 
 def to_scan_grid(probabilities: torch.Tensor, pre: Preprocess, grid: Grid) -> torch.Tensor:
     """(N, network grid) class probabilities -> (N, D, H, W) on the scan's canonical grid."""
+    if pre.crop_foreground == "blank_planes" or pre.size_mode == "resize_skimage":
+        raise UsageError("crop_foreground 'blank_planes' and size_mode 'resize_skimage' (FID conventions) cannot be "
+                         "undone onto the scan's grid; predict with resize or crop_pad and a box crop")
     x = probabilities
     cropped = grid.resampled if grid.box is None else tuple(s.stop - s.start for s in grid.box)
     if pre.size is not None:
