@@ -13,8 +13,8 @@ from ..errors import EXIT_FAILED, EXIT_OK
 from ..weights.pretrained_cfg import has_weights
 from .loading import load_model, model_preprocess
 from .options import (
-    UserError, add_inputs, add_model_command, add_progress_option, add_reading_options, check_inputs_exist,
-    check_runtime, inputs_of, positive_int, preprocess_overrides, show_progress,
+    UserError, add_inputs, add_model_command, add_progress_option, add_reading_options, add_resume_option,
+    check_inputs_exist, check_runtime, inputs_of, positive_int, preprocess_overrides, process_group, show_progress,
 )
 from .output import PROG, failed_inputs_code, report_skipped, say, warn
 
@@ -61,6 +61,7 @@ def add_features_parser(sub, common: argparse.ArgumentParser) -> None:
     add_reading_options(p, "volumes per forward; volumes of equal preprocessed shape are batched (default 1)")
     p.add_argument("--no-fast", action="store_true",
                    help="run the plain model instead of the BatchNorm-folded channels_last copy (same results)")
+    add_resume_option(p, "whose features are in OUTPUT.parts/ (written as they are computed)")
     add_progress_option(p)
     p.add_argument("--nan-policy", choices=("error", "zero"), default="error",
                    help="an input with NaN or infinite voxels fails (error, the default) or has them set to 0 (zero)")
@@ -68,7 +69,8 @@ def add_features_parser(sub, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from ..inference.features import check_output, describe_preprocess, iter_features
+    from ..inference.cohort import features_to_file
+    from ..inference.features import check_output, describe_preprocess
     from ..weights.factory import resolve_pretrained
 
     overrides = preprocess_overrides(args)
@@ -77,44 +79,29 @@ def cmd_features(args: argparse.Namespace) -> int:
     resolve_pretrained(args.model, args.pretrained)  # option errors first, then the inputs, before any download
     check_runtime(args)
     check_inputs_exist(inputs)
-    model, label = load_model(args)
-    preprocess = model_preprocess(model, args.model, overrides)
-    say(args, f"{PROG} features: {len(inputs)} input(s), {args.model} with {label}",
-        f"  preprocessing: {describe_preprocess(preprocess)}")
-    start = time.perf_counter()
-    results, failures = [], []
-    for result in iter_features(
-        model, inputs, preprocess=preprocess, maps=args.maps, batch_size=args.batch_size, device=args.device,
-        amp=args.amp, force_amp=args.force_amp, fast=not args.no_fast, workers=args.workers,
-        progress=show_progress(args), nan_policy=args.nan_policy,
-    ):
-        if result.ok:
-            results.append(result)
-        else:
-            failures.append(result)
-            report_skipped(result.error)
+    with process_group(args) as dist:
+        model, label = load_model(args)
+        preprocess = model_preprocess(model, args.model, overrides)
+        ranks = f" on {dist.world_size} ranks" if dist.world_size > 1 else ""
+        say(args, f"{PROG} features: {len(inputs)} input(s){ranks}, {args.model} with {label}",
+            f"  preprocessing: {describe_preprocess(preprocess)}")
+        start = time.perf_counter()
+        run = features_to_file(
+            model, inputs, output, preprocess=preprocess, maps=args.maps, amp=args.amp, resume=args.resume, dist=dist,
+            on_failure=lambda result: report_skipped(result.error), batch_size=args.batch_size,
+            device=dist.device if dist.initialised else args.device, force_amp=args.force_amp, fast=not args.no_fast,
+            workers=args.workers, progress=show_progress(args), nan_policy=args.nan_policy,
+        )
     elapsed = time.perf_counter() - start
-    if not results:
+    if not run.written:
         print(f"{PROG}: error: all {len(inputs)} input(s) failed; nothing written to {output}", file=sys.stderr)
         return EXIT_FAILED
-    shape = _write_features(args, output, results, model, preprocess)
-    say(args, f"  wrote {output}: {shape} float32 from {len(results)} of {len(inputs)} input(s) in {elapsed:.1f} s")
-    return failed_inputs_code(failures, len(inputs), f"have no row in {output}")
-
-
-def _write_features(args: argparse.Namespace, output, results, model, preprocess):
-    """Write the features of the inputs that were read (with their provenance when pooled); returns their shape."""
-    from ..inference.features import save_features, stack_results
-
-    features = stack_results(results, args.maps)
-    provenance = None
-    if args.maps == "pooled":
-        from ..inference.feature_scores import feature_provenance
-
-        provenance = feature_provenance(model, preprocess, volumes=len(results), feature_dim=features.shape[1],
-                                        input_shapes=[r.shape for r in results], amp=args.amp)
-    save_features(output, features, [r.name for r in results], provenance=provenance)
-    return {k: v.shape for k, v in features.items()} if isinstance(features, dict) else features.shape
+    resumed = f" ({run.resumed} from {output.name}.parts, {run.computed} computed now)" if run.resumed else ""
+    say(args, f"  wrote {output}: {run.shape} float32 from {run.written} of {len(inputs)} input(s){resumed} "
+              f"in {elapsed:.1f} s")
+    if run.parts:
+        say(args, f"  the others' results stay in {run.parts}: fix the failed inputs and rerun with --resume to add them")
+    return failed_inputs_code(run.failed, len(inputs), f"have no row in {output}")
 
 
 # -- med3d fid --------------------------------------------------------------------------------------
