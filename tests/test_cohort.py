@@ -1,0 +1,132 @@
+"""Cohort runs of `med3d features`: torchrun over 2 CPU ranks, the parts folder, --resume after SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from med3d_hub.inference.feature_files import load_features
+from med3d_hub.inference.parts import input_key
+from scan_files import med3d_env, run_med3d
+
+TINY = ["--pretrained", "none", "--size", "16", "32", "32", "--device", "cpu", "-q"]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Nine small volumes of different shapes and contents, as .npy scans."""
+    root = tmp_path_factory.mktemp("cohort")
+    rng = np.random.default_rng(0)
+    scans = []
+    for i in range(9):
+        path = root / f"scan{i}.npy"
+        np.save(path, rng.gamma(2.0 + i, size=(12 + i, 20, 18 + i)).astype(np.float32))
+        scans.append(str(path))
+    return root, scans
+
+
+def _same_features(a: Path, b: Path) -> None:
+    first, second = load_features(a), load_features(b)
+    assert first.names == second.names
+    np.testing.assert_allclose(first.features, second.features, rtol=1e-5, atol=1e-6)
+    assert first.provenance == second.provenance
+
+
+def test_torchrun_on_two_cpu_ranks_writes_the_single_process_file(cohort, tmp_path):
+    root, scans = cohort
+    env = med3d_env(tmp_path, OMP_NUM_THREADS="1")
+    alone = run_med3d("features", *scans, *TINY, "-o", tmp_path / "alone.npz", env=env)
+    assert alone.returncode == 0, alone.stderr
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "med3d_hub.features", *scans, *TINY, "-o", str(tmp_path / "ranks.npz")]
+    ranks = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert ranks.returncode == 0, ranks.stdout + ranks.stderr
+    _same_features(tmp_path / "alone.npz", tmp_path / "ranks.npz")
+    assert load_features(tmp_path / "ranks.npz").names == scans  # rows in input order, not rank order
+    assert not (tmp_path / "ranks.npz.parts").exists()  # assembled, then removed
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_file_and_computes_only_the_rest(tmp_path):
+    rng = np.random.default_rng(1)
+    scans = []
+    for i in range(16):  # long enough to be stopped part-way
+        scans.append(str(tmp_path / f"ct{i:02d}.npy"))
+        np.save(scans[-1], rng.gamma(3.0, size=(14, 18 + i % 4, 20)).astype(np.float32))
+    env = med3d_env(tmp_path, OMP_NUM_THREADS="1")
+    whole = run_med3d("features", *scans, *TINY, "-o", tmp_path / "whole.csv", env=env)
+    assert whole.returncode == 0, whole.stderr
+
+    output, parts = tmp_path / "killed.csv", tmp_path / "killed.csv.parts"
+    proc = subprocess.Popen([sys.executable, "-m", "med3d_hub", "features", *scans, *TINY, "-o", str(output)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(parts.glob("*.npz"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not output.exists()
+    done = len(list(parts.glob("*.npz")))
+    assert 3 <= done < len(scans)
+
+    again = run_med3d("features", *scans, *TINY, "-o", output, env=env)  # without --resume: refused, nothing lost
+    assert again.returncode == 2 and "--resume" in again.stderr
+    assert len(list(parts.glob("*.npz"))) == done
+    verbose = [a for a in TINY if a != "-q"]
+    resumed = run_med3d("features", *scans, *verbose, "-o", output, "--resume", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"({done} from killed.csv.parts, {len(scans) - done} computed now)" in resumed.stdout, resumed.stdout
+    assert _rows(output) == _rows(tmp_path / "whole.csv")
+    assert not parts.exists()
+
+
+def _rows(path: Path) -> list[list]:
+    """A CSV's rows: the names exactly, the numbers as floats (float tolerance: compared with allclose)."""
+    lines = [line.split(",") for line in path.read_text().splitlines()]
+    names = [r[0] for r in lines]
+    values = np.array([[float(v) for v in r[1:]] for r in lines[1:]])
+    return [names, lines[0], np.round(values, 5).tolist()]
+
+
+def test_resume_recomputes_only_what_is_missing_and_refuses_another_model(cohort, tmp_path):
+    root, scans = cohort
+    env = med3d_env(tmp_path, OMP_NUM_THREADS="1")
+    output, parts = tmp_path / "f.npz", tmp_path / "f.npz.parts"
+    broken = tmp_path / "broken.npy"
+    broken.write_bytes(b"not an array")
+    inputs = [*scans[:4], str(broken)]
+    first = run_med3d("features", *inputs, *TINY, "-o", output, env=env)
+    assert first.returncode == 1 and "broken.npy" in first.stderr
+    kept = {p.name: p.stat().st_ino for p in parts.glob("*.npz")}
+    assert len(kept) == 4  # the four readable scans stay in the parts folder for --resume
+
+    other = run_med3d("features", *inputs, *TINY, "--seed", "1", "--resume", "-o", output, env=env)
+    assert other.returncode == 2 and "parameters_sha256" in other.stderr  # another model: refused, not mixed
+    assert {p.name: p.stat().st_ino for p in parts.glob("*.npz")} == kept
+
+    np.save(broken, np.ones((14, 20, 20), np.float32))  # fixed: a new size and mtime, a new key
+    verbose = [a for a in TINY if a != "-q"]
+    fixed = run_med3d("features", *inputs, *verbose, "--resume", "-o", output, env=env)
+    assert fixed.returncode == 0, fixed.stderr
+    assert re.search(r"\(4 from f\.npz\.parts, 1 computed now\)", fixed.stdout), fixed.stdout
+    assert not parts.exists()
+    reference = run_med3d("features", *inputs, *TINY, "-o", tmp_path / "ref.npz", env=env)
+    assert reference.returncode == 0
+    _same_features(output, tmp_path / "ref.npz")
+
+
+def test_an_input_key_follows_the_file(tmp_path):
+    scan = tmp_path / "a.npy"
+    np.save(scan, np.zeros((4, 4, 4), np.float32))
+    key = input_key(scan)
+    assert input_key(str(scan)) == key
+    os.utime(scan, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert input_key(scan) != key  # touched or replaced since: computed again
