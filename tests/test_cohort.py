@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,3 +132,76 @@ def test_an_input_key_follows_the_file(tmp_path):
     assert input_key(str(scan)) == key
     os.utime(scan, ns=(time.time_ns(), time.time_ns() + 10**9))
     assert input_key(scan) != key  # touched or replaced since: computed again
+
+
+@pytest.fixture(scope="module")
+def two_sets(tmp_path_factory):
+    """real/ and fake/: five small volumes each, the fake ones noisier."""
+    root = tmp_path_factory.mktemp("sets")
+    rng = np.random.default_rng(2)
+    for folder, noise in (("real", 0.1), ("fake", 1.0)):
+        (root / folder).mkdir()
+        for i in range(5):
+            base = rng.gamma(3.0, size=(14, 20, 20)) + noise * rng.normal(size=(14, 20, 20))
+            np.save(root / folder / f"v{i}.npy", base.astype(np.float32))
+    return root
+
+
+FID_ARGS = ["--pretrained", "none", "--size", "16", "32", "32", "--device", "cpu", "-q", "--kid-subset-size", "3"]
+
+
+def _scores(path: Path) -> dict:
+    report = json.loads(path.read_text())
+    return {"fid": report["fid"], "kid": report["kid"]["mean"], "mmd": report["mmd2_linear"],
+            "sets": [s["volumes"] for s in report["sets"]]}
+
+
+@pytest.fixture(scope="module")
+def fid_alone(two_sets, tmp_path_factory) -> dict:
+    """The scores of real/ against fake/ from one process."""
+    tmp = tmp_path_factory.mktemp("fid-alone")
+    alone = run_med3d("fid", str(two_sets / "real"), str(two_sets / "fake"), *FID_ARGS, "--json", tmp / "alone.json",
+                      env=med3d_env(tmp, OMP_NUM_THREADS="1"))
+    assert alone.returncode == 0, alone.stderr
+    return _scores(tmp / "alone.json")
+
+
+@pytest.mark.slow
+def test_fid_on_two_ranks_merges_their_statistics_into_the_single_process_score(two_sets, fid_alone, tmp_path):
+    env = med3d_env(tmp_path, OMP_NUM_THREADS="1")
+    sets = [str(two_sets / "real"), str(two_sets / "fake")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "med3d_hub.fid", *sets, *FID_ARGS, "--json", str(tmp_path / "ranks.json"),
+               "--features-dir", str(tmp_path)]
+    ranks = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert ranks.returncode == 0, ranks.stdout + ranks.stderr
+    one, two = fid_alone, _scores(tmp_path / "ranks.json")
+    assert two["sets"] == one["sets"] == [5, 5] and one["fid"] > 0
+    for key in ("fid", "kid", "mmd"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-9), key
+    assert load_features(tmp_path / "set1.npz").names == sorted(str(p) for p in (two_sets / "real").iterdir())
+
+
+@pytest.mark.slow
+def test_fid_keeps_the_features_it_read_and_resumes(two_sets, fid_alone, tmp_path):
+    env = med3d_env(tmp_path, OMP_NUM_THREADS="1")
+    fake = tmp_path / "fake"
+    shutil.copytree(two_sets / "fake", fake)
+    good = (fake / "v3.npy").read_bytes()
+    (fake / "v3.npy").write_bytes(b"broken")
+    kept = tmp_path / "features"
+    kept.mkdir()
+    args = [str(two_sets / "real"), str(fake), *FID_ARGS, "--features-dir", str(kept)]
+    failed = run_med3d("fid", *args, "--json", tmp_path / "scores.json", env=env)
+    assert failed.returncode == 2 and "v3.npy" in failed.stderr  # an incomplete set is not scored
+    assert not (tmp_path / "scores.json").exists()
+    first_set = (kept / "set1.npz").stat().st_ino
+    assert len(list((kept / "set2.npz.parts").glob("*.npz"))) == 4  # the scans read are kept
+
+    (fake / "v3.npy").write_bytes(good)
+    resumed = run_med3d("fid", *args, "--resume", "--json", tmp_path / "scores.json", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (kept / "set1.npz").stat().st_ino == first_set  # the finished set is read back, not recomputed
+    scores = _scores(tmp_path / "scores.json")
+    assert scores.pop("sets") == fid_alone["sets"]
+    assert scores == pytest.approx({k: v for k, v in fid_alone.items() if k != "sets"}, rel=1e-5, abs=1e-9)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -123,6 +125,10 @@ def add_fid_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="volumes per KID subset, capped at the smaller set (default 1000)")
     p.add_argument("--bandwidth", type=float, metavar="S", help="RBF bandwidth of the MMD (default: the median pairwise distance)")
     p.add_argument("--force", action="store_true", help="compare feature sets whose provenance differs")
+    p.add_argument("--features-dir", metavar="DIR",
+                   help="keep the features of each set of scans in DIR/set1.npz and DIR/set2.npz (for another "
+                        "fid, or --resume); default: a temporary folder, removed at the end")
+    add_resume_option(p, "whose features are in --features-dir (a failed scan stops the run; the others' stay there)")
     add_reading_options(p, "volumes per forward (default 1)")
     p.set_defaults(func=cmd_fid)
 
@@ -137,7 +143,16 @@ def cmd_fid(args: argparse.Namespace) -> int:
         raise UserError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
     if args.bandwidth is not None and not args.bandwidth > 0:
         raise UserError(f"--bandwidth must be > 0, got {args.bandwidth}")
-    report = score_sets(*_feature_sets(args), kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+    if args.features_dir and not Path(args.features_dir).expanduser().is_dir():
+        raise UserError(f"--features-dir {args.features_dir}: no such folder; create it first")
+    if args.resume and not args.features_dir:
+        raise UserError("--resume continues from the features kept in --features-dir DIR; give the folder of the "
+                        "interrupted run")
+    with process_group(args) as dist:
+        sets = _feature_sets(args, dist)
+        if not dist.is_main:
+            return EXIT_OK
+    report = score_sets(*sets, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
                         bandwidth=args.bandwidth, bootstrap=args.bootstrap, seed=args.seed, force=args.force)
     report["command"] = shlex.join([PROG, *getattr(args, "argv", [])])
     for note in report["warnings"]:
@@ -149,30 +164,39 @@ def cmd_fid(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _feature_sets(args: argparse.Namespace) -> list:
+def _feature_sets(args: argparse.Namespace, dist) -> list:
     """Each set of the command line as features: read from a saved file, or extracted from its scans."""
-    from ..inference.feature_scores import expand_scans, features_of_scans, is_feature_file, read_feature_file, split_sets
+    import tempfile
+
+    from ..inference.cohort import feature_set_of_scans, on_main
+    from ..inference.feature_scores import expand_scans, is_feature_file, read_feature_file, split_sets
 
     sets, model = [], None
-    for group in split_sets(args.inputs):
-        if is_feature_file(group):
-            sets.append(read_feature_file(group[0]))
-            continue
-        if model is None:  # the model is loaded once, and only when a set is scans
-            check_runtime(args)
-            import torch
+    with contextlib.ExitStack() as cleanup:
+        folder = args.features_dir
+        for number, group in enumerate(split_sets(args.inputs), start=1):
+            if is_feature_file(group):
+                sets.append(read_feature_file(group[0]))
+                continue
+            if model is None:  # the model is loaded once, and only when a set is scans
+                check_runtime(args)
+                import torch
 
-            torch.manual_seed(args.seed)  # random weights (--pretrained none) are then the same on every run
-            model, label = load_model(args)
-            preprocess = model_preprocess(model, args.model, preprocess_overrides(args))
-            say(args, f"{PROG} fid: features of {args.model} with {label}")
-        scans = expand_scans(group)
-        source = group[0] if len(group) == 1 else f"{len(group)} scans in {os.path.dirname(group[0]) or '.'}"
-        say(args, f"  {source}: {len(scans)} scan(s)")
-        sets.append(features_of_scans(
-            model, scans, preprocess, source=source, seed=None if has_weights(model) else args.seed,
-            amp=args.amp, force_amp=args.force_amp, device=args.device, batch_size=args.batch_size, workers=args.workers,
-            progress=(not args.quiet) and sys.stderr.isatty()))
+                torch.manual_seed(args.seed)  # random weights (--pretrained none) are then the same on every run
+                model, label = load_model(args)
+                preprocess = model_preprocess(model, args.model, preprocess_overrides(args))
+                say(args, f"{PROG} fid: features of {args.model} with {label}")
+            if folder is None:  # one temporary folder, made by rank 0 and named to the others
+                folder = on_main(dist, lambda: tempfile.mkdtemp(prefix="med3d-fid-"))
+                cleanup.callback(lambda: on_main(dist, lambda: shutil.rmtree(folder, ignore_errors=True)))
+            scans = expand_scans(group)
+            source = group[0] if len(group) == 1 else f"{len(group)} scans in {os.path.dirname(group[0]) or '.'}"
+            say(args, f"  {source}: {len(scans)} scan(s)")
+            sets.append(feature_set_of_scans(
+                model, scans, Path(folder).expanduser() / f"set{number}.npz", preprocess=preprocess, source=source,
+                seed=None if has_weights(model) else args.seed, amp=args.amp, resume=args.resume, dist=dist,
+                force_amp=args.force_amp, device=dist.device if dist.initialised else args.device,
+                batch_size=args.batch_size, workers=args.workers, progress=(not args.quiet) and sys.stderr.isatty()))
     return sets
 
 

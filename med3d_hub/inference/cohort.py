@@ -23,11 +23,12 @@ from torch import nn
 
 from ..errors import UsageError
 from .distributed import DistContext
-from .feature_scores import feature_provenance
+from .feature_scores import FeatureSet, feature_provenance
 from .features import iter_features
+from .metrics import MeanCovariance
 from .parts import PartsFolder, assemble, input_key, run_fingerprint
 
-__all__ = ["CohortRun", "features_to_file", "predict_masks", "shard"]
+__all__ = ["CohortRun", "feature_set_of_scans", "features_to_file", "on_main", "predict_masks", "run_provenance", "shard"]
 
 
 @dataclass
@@ -41,6 +42,7 @@ class CohortRun:
     failed: list[str] = field(default_factory=list)  # names, in input order
     shape: Any = None
     parts: Path | None = None  # the parts folder kept (some inputs failed), else None
+    statistics: MeanCovariance | None = None  # with statistics=True: of every row written, the ranks' merged
 
 
 def shard(indices: Sequence[int], dist: DistContext) -> list[int]:
@@ -70,21 +72,24 @@ def features_to_file(
     preprocess,
     maps: str = "pooled",
     amp: str | None = None,
+    seed: int | None = None,
     resume: bool = False,
     dist: DistContext | None = None,
     on_failure: Callable[[Any], None] = lambda result: None,
+    statistics: bool = False,
     **options: Any,
 ) -> CohortRun:
     """Features of every input into ``output`` (``.npy``, ``.npz``, ``.csv``, ``.parquet``), through the parts folder.
 
-    ``options`` go to ``iter_features``. ``on_failure`` is called on the rank that read it with each
-    failed ``FeatureResult``. The parts folder is removed once the output is written, unless some
-    inputs failed: then it stays, and ``resume=True`` later computes only those.
+    ``options`` go to ``iter_features``; ``seed`` (of random weights) goes into the provenance.
+    ``on_failure`` is called on the rank that read it with each failed ``FeatureResult``. The parts
+    folder is removed once the output is written, unless some inputs failed: then it stays, and
+    ``resume=True`` later computes only those. ``statistics`` (pooled): each rank accumulates the
+    mean and covariance of its rows, and the ranks' accumulators are merged (``run.statistics``).
     """
     dist = dist or DistContext()
     inputs = [os.fspath(i) for i in inputs]
-    provenance = {**feature_provenance(model, preprocess, volumes=0, feature_dim=model.num_features, amp=amp),
-                  "maps": maps}
+    provenance = run_provenance(model, preprocess, maps=maps, amp=amp, seed=seed)
     if len(set(dist.all_gather_object(run_fingerprint(provenance)))) > 1:
         raise UsageError("the ranks of this run loaded different models or preprocessing; give every rank the "
                          "same --model, --pretrained and options")
@@ -94,17 +99,27 @@ def features_to_file(
     todo = [i for i, key in enumerate(keys) if key not in finished]
     mine = shard(todo, dist)
     failed: list[int] = []
+    rows = MeanCovariance()
     for result in iter_features(model, [inputs[i] for i in mine], preprocess=preprocess, maps=maps, amp=amp, **options):
         i = mine[result.index]
         if result.ok:
             parts.write(keys[i] or input_key(inputs[i]), result.features, result.name, result.shape)
+            if statistics:
+                rows.update(result.features[None])
         else:
             failed.append(i)
             on_failure(result)
+    if statistics:  # the rows of an earlier run too, shared out as the new ones were
+        for i in shard([i for i, key in enumerate(keys) if key in finished], dist):
+            rows.update(parts.read(keys[i])[0][None])
     dist.barrier()
     failed = sorted(i for rank in dist.all_gather_object(failed) for i in rank)
     run = CohortRun(inputs=len(inputs), computed=len(todo) - len(failed), resumed=len(inputs) - len(todo),
                     failed=[inputs[i] for i in failed])
+    if statistics:
+        run.statistics = MeanCovariance()
+        for accumulator in dist.all_gather_object(rows):  # in rank order
+            run.statistics.merge(accumulator)
     if run.computed + run.resumed == 0:  # every input failed: nothing to keep
         on_main(dist, parts.remove)
         return run
@@ -112,7 +127,7 @@ def features_to_file(
     def finish():
         left_out = set(failed)
         keys_now = [keys[i] or input_key(inputs[i]) for i in range(len(inputs)) if i not in left_out]
-        shape, written, _ = assemble(parts, keys_now, _provenance_of(model, preprocess, amp) if maps == "pooled" else None)
+        shape, written, _ = assemble(parts, keys_now, _provenance_of(model, preprocess, amp, seed) if maps == "pooled" else None)
         if not failed:
             parts.remove()
         return shape, written
@@ -122,11 +137,53 @@ def features_to_file(
     return run
 
 
-def _provenance_of(model, preprocess, amp):
+def run_provenance(model: nn.Module, preprocess, *, maps: str = "pooled", amp: str | None = None,
+                   seed: int | None = None) -> dict:
+    """How a run makes its results (``feature_provenance`` before any volume is read, and the maps)."""
+    return {**feature_provenance(model, preprocess, volumes=0, feature_dim=model.num_features, amp=amp, seed=seed),
+            "maps": maps}
+
+
+def _provenance_of(model, preprocess, amp, seed):
     def provenance_of(volumes: int, feature_dim: int, input_shapes) -> dict:
         return feature_provenance(model, preprocess, volumes=volumes, feature_dim=feature_dim,
-                                  input_shapes=input_shapes, amp=amp)
+                                  input_shapes=input_shapes, amp=amp, seed=seed)
     return provenance_of
+
+
+def feature_set_of_scans(model: nn.Module, scans: Sequence[str], output: str | os.PathLike, *, preprocess,
+                         source: str, seed: int | None = None, amp: str | None = None, resume: bool = False,
+                         dist: DistContext | None = None, **options: Any) -> FeatureSet:
+    """Pooled features of every scan of a set, kept in ``output`` (``.npz``); any failed scan is an error.
+
+    A score over the scans that happened to be readable would not be a score of the set, so a failed
+    scan stops the command; the features of the others stay in the parts folder, and ``resume`` then
+    computes only what is missing. With ``resume`` a finished ``output`` of exactly these scans, made
+    this way, is read back instead. The set carries the ranks' merged mean and covariance for the FID.
+    """
+    from .feature_scores import read_feature_file
+    from .features import FeatureExtractionError
+
+    dist = dist or DistContext()
+    scans = [os.fspath(s) for s in scans]
+    parts = PartsFolder(output)
+    if resume and Path(output).is_file() and not parts.root.exists():
+        saved = read_feature_file(os.fspath(output))
+        fingerprint = run_fingerprint(run_provenance(model, preprocess, amp=amp, seed=seed))
+        if saved.names == scans and saved.provenance and run_fingerprint({**saved.provenance, "maps": "pooled"}) == fingerprint:
+            return FeatureSet(source, saved.features, saved.names, saved.provenance,
+                              statistics=MeanCovariance.of(saved.features))
+        raise UsageError(f"--resume: {output} holds other scans or was made another way; delete it to compute "
+                         "this set again")
+    failures: list[tuple[str, str]] = []
+    run = features_to_file(model, scans, output, preprocess=preprocess, maps="pooled", amp=amp, seed=seed,
+                           resume=resume, dist=dist, statistics=True,
+                           on_failure=lambda result: failures.append((result.name, result.error)), **options)
+    failures = [f for rank in dist.all_gather_object(failures) for f in rank]
+    if failures:
+        raise FeatureExtractionError(failures, len(scans))
+    saved = read_feature_file(os.fspath(output))
+    return FeatureSet(source, saved.features, saved.names, saved.provenance, statistics=run.statistics)
 
 
 def _key(item: str) -> str | None:
