@@ -205,3 +205,37 @@ def test_fid_keeps_the_features_it_read_and_resumes(two_sets, fid_alone, tmp_pat
     scores = _scores(tmp_path / "scores.json")
     assert scores.pop("sets") == fid_alone["sets"]
     assert scores == pytest.approx({k: v for k, v in fid_alone.items() if k != "sets"}, rel=1e-5, abs=1e-9)
+
+
+def _bash_blocks(path: Path) -> list[str]:
+    """The ```bash blocks of a page, in order (```text blocks need weights, GPUs or a cluster)."""
+    return re.findall(r"^```bash\n(.*?)^```", path.read_text(encoding="utf-8"), flags=re.M | re.S)
+
+
+@pytest.mark.slow
+def test_the_cohort_page_runs_as_written(tmp_path):
+    import nibabel as nib
+
+    rng = np.random.default_rng(3)
+    for folder, count in (("scans", 6), ("real", 4), ("synthetic", 4)):
+        (tmp_path / folder).mkdir()
+        for i in range(count):
+            data = rng.gamma(3.0, size=(20, 22, 14)).astype(np.float32) * (1 + (folder == "synthetic"))
+            nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / folder / f"s{i}.nii.gz"))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "med3d").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m med3d_hub "$@"\n')
+    (bin_dir / "med3d").chmod(0o755)
+    (bin_dir / "torchrun").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m torch.distributed.run "$@"\n')
+    (bin_dir / "torchrun").chmod(0o755)
+    env = med3d_env(tmp_path, OMP_NUM_THREADS="1", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    blocks = _bash_blocks(Path(__file__).resolve().parents[1] / "docs" / "cohort.md")
+    assert len(blocks) >= 5
+    for block in blocks:
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, (block, done.stdout[-2000:], done.stderr[-2000:])
+    assert len((tmp_path / "scans.txt").read_text().splitlines()) == 6
+    _same_features(tmp_path / "dry-run.npz", tmp_path / "dry-run-2.npz")
+    assert json.loads((tmp_path / "scores.json").read_text())["fid"] == pytest.approx(
+        json.loads((tmp_path / "again.json").read_text())["fid"], rel=1e-6)

@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import UsageError
+from ..errors import UsageError, is_user_error
 from .distributed import DistContext
 from .feature_scores import FeatureSet, feature_provenance
 from .features import iter_features
@@ -51,16 +51,22 @@ def shard(indices: Sequence[int], dist: DistContext) -> list[int]:
 
 
 def on_main(dist: DistContext, work: Callable[[], Any]) -> Any:
-    """Run ``work`` on rank 0 and give every rank its result; an error there is raised on every rank."""
-    outcome: tuple[Any, BaseException | None] = (None, None)
+    """Run ``work`` on rank 0 and give every rank its result; an error there is raised on every rank.
+
+    Rank 0 raises the error itself; the others raise its message (a ``UsageError`` where it was the user's).
+    """
+    result, error, message = None, None, None
     if dist.is_main:
         try:
-            outcome = (work(), None)
-        except Exception as error:  # noqa: BLE001 - shared with the other ranks, then raised everywhere
-            outcome = (None, error)
-    result, error = dist.broadcast_object(outcome)
+            result = work()
+        except Exception as raised:  # noqa: BLE001 - said to the other ranks, then raised everywhere
+            error, message = raised, (is_user_error(raised), f"rank 0: {raised}")
+    result, message = dist.broadcast_object((result, message))
     if error is not None:
         raise error
+    if message is not None:
+        user, text = message
+        raise UsageError(text) if user else RuntimeError(text)
     return result
 
 

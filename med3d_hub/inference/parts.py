@@ -153,4 +153,6 @@ def assemble(parts: PartsFolder, keys: Sequence[str], provenance_of=None) -> tup
     save_features(parts.output, features, names, provenance=provenance)
     shape = {k: v.shape for k, v in stacks.items()} if isinstance(features, dict) else features.shape
     del features, stacks
+    for stage in firsts:  # the parts stay where some inputs failed; the copy of the rows does not
+        (parts.root / f".assembly-{stage}.npy").unlink(missing_ok=True)
     return shape, len(present), shapes
