@@ -41,19 +41,17 @@ def make_scans(folder: Path, count: int, shape_xyz: tuple[int, int, int]) -> lis
     body = (x**2 + y**2) < 0.8
     organ = ((x - 0.2) ** 2 / 0.1 + (y + 0.1) ** 2 / 0.06 + z**2 / 0.5) < 1
     base = np.where(body, 40.0, -1000.0).astype(np.float32) + np.where(organ, 60.0, 0.0).astype(np.float32)
-    base = np.broadcast_to(base, shape_xyz)
-    paths = []
-    for i in range(count):
-        path = folder / f"ct_{i:05d}.nii.gz"
-        paths.append(str(path))
-        if path.exists():
-            continue
-        rng = np.random.default_rng(i)
-        hu = base + rng.normal(0, 20, shape_xyz).astype(np.float32)
-        stored = np.clip(np.round(hu + 1024.0), 0, 65535).astype(np.uint16)  # HU = stored - 1024
-        image = nib.Nifti1Image(stored, np.diag([0.8, 0.8, 2.0, 1.0]))
-        image.header.set_slope_inter(1.0, -1024.0)
-        nib.save(image, str(path))
+    paths = [str(folder / f"ct_{i:05d}.nii.gz") for i in range(count)]
+    if all(Path(p).exists() for p in paths):
+        return paths
+    hu = base + np.random.default_rng(0).normal(0, 20, shape_xyz).astype(np.float32)  # one noise draw: full-size CTs are big
+    stored = np.clip(np.round(hu + 1024.0), 0, 65000).astype(np.uint16)  # HU = stored - 1024
+    del hu
+    for i, path in enumerate(paths):
+        if not Path(path).exists():
+            image = nib.Nifti1Image(stored + np.uint16(i % 8), np.diag([0.8, 0.8, 2.0, 1.0]))  # each scan a little brighter
+            image.header.set_slope_inter(1.0, -1024.0)
+            nib.save(image, path)
     return paths
 
 
