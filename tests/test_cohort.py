@@ -86,16 +86,16 @@ def test_sigkill_then_resume_gives_the_uninterrupted_file_and_computes_only_the_
     resumed = run_med3d("features", *scans, *verbose, "-o", output, "--resume", env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert f"({done} from killed.csv.parts, {len(scans) - done} computed now)" in resumed.stdout, resumed.stdout
-    assert _rows(output) == _rows(tmp_path / "whole.csv")
+    (names, values), (whole_names, whole_values) = _rows(output), _rows(tmp_path / "whole.csv")
+    assert names == whole_names == ["file", *scans]
+    np.testing.assert_allclose(values, whole_values, rtol=1e-5, atol=1e-6)
     assert not parts.exists()
 
 
-def _rows(path: Path) -> list[list]:
-    """A CSV's rows: the names exactly, the numbers as floats (float tolerance: compared with allclose)."""
+def _rows(path: Path) -> tuple[list[str], np.ndarray]:
+    """A CSV's first column (header included) and its numbers."""
     lines = [line.split(",") for line in path.read_text().splitlines()]
-    names = [r[0] for r in lines]
-    values = np.array([[float(v) for v in r[1:]] for r in lines[1:]])
-    return [names, lines[0], np.round(values, 5).tolist()]
+    return [r[0] for r in lines], np.array([[float(v) for v in r[1:]] for r in lines[1:]])
 
 
 def test_resume_recomputes_only_what_is_missing_and_refuses_another_model(cohort, tmp_path):

@@ -217,6 +217,6 @@ def predict_masks(predictor, inputs: Sequence[str], paths: Sequence[Path], *, re
 
 
 def _mask_done(path: Path, probabilities: bool) -> bool:
-    stem = path.name.removesuffix(".nii.gz").removesuffix(".npy")
-    needed = [path, path.with_name(stem + ".json")] + ([path.with_name(stem + "_probabilities.npz")] if probabilities else [])
-    return all(p.is_file() for p in needed)
+    from .prediction_files import mask_files
+
+    return all(p.is_file() for p in mask_files(path, probabilities))
