@@ -15,8 +15,9 @@ from ..errors import EXIT_FAILED, EXIT_OK
 from ..weights.pretrained_cfg import has_weights
 from .loading import load_model, model_preprocess
 from .options import (
-    UserError, add_inputs, add_model_command, add_progress_option, add_reading_options, add_resume_option,
-    check_inputs_exist, check_runtime, inputs_of, positive_int, preprocess_overrides, process_group, show_progress,
+    UserError, add_channel_option, add_inputs, add_model_command, add_progress_option, add_reading_options,
+    add_resume_option, check_inputs_exist, check_runtime, inputs_of, positive_int, preprocess_overrides, process_group,
+    show_progress,
 )
 from .output import PROG, failed_inputs_code, report_skipped, say, warn
 
@@ -28,8 +29,12 @@ examples:
   {PROG} features --inputs-from list.txt --intensity hu_window:-200,250 -o feats.parquet
   {PROG} features scan.nii.gz --pretrained ~/weights/resnet_10.pth -o f.npy  a local MedicalNet file
 
-inputs: NIfTI files (.nii, .nii.gz), folders holding one DICOM series, or 3-D .npy arrays. Rows
-follow the input order; an input that fails is reported on stderr and skipped (exit code 1).
+inputs: NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage (.mha, .mhd) files, DICOM folders
+(each series, in sub-folders too, is a row: FOLDER#SeriesInstanceUID when there are several; --series UID
+picks one), or 3-D .npy arrays. 4-D images: --channel N picks a volume. Several channels per case
+(--channels a.nii.gz,b.nii.gz, a CSV with a column per channel, or --channel all) adapt the model's first
+conv to that many. Rows follow the input order; an input that fails is reported on stderr and skipped
+(exit code 1).
 outputs: .npy (array), .npz (features + file names + provenance, for med3d fid), .csv / .parquet
 (file column + f0..fC-1).
 """
@@ -77,12 +82,12 @@ def cmd_features(args: argparse.Namespace) -> int:
 
     overrides = preprocess_overrides(args)
     inputs = inputs_of(args)
-    output = check_output(args.output, args.maps, inputs)
+    output = check_output(args.output, args.maps, [path for item in inputs for path in item.paths])
     resolve_pretrained(args.model, args.pretrained)  # option errors first, then the inputs, before any download
     check_runtime(args)
     check_inputs_exist(inputs)
     with process_group(args) as dist:
-        model, label = load_model(args)
+        model, label = load_model(args, **_channels_of(inputs))
         preprocess = model_preprocess(model, args.model, overrides)
         ranks = f" on {dist.world_size} ranks" if dist.world_size > 1 else ""
         say(args, f"{PROG} features: {len(inputs)} input(s){ranks}, {args.model} with {label}",
@@ -106,6 +111,15 @@ def cmd_features(args: argparse.Namespace) -> int:
     return failed_inputs_code(run.failed, len(inputs), f"have no row in {output}")
 
 
+def _channels_of(inputs) -> dict:
+    """``in_chans`` for the model when the inputs have several channels (the first one's count)."""
+    from ..data.inputs import input_channels
+
+    multi = next((item for item in inputs if len(item.paths) > 1 or item.channel == "all"), None)
+    channels = input_channels(multi) if multi is not None else 1
+    return {"in_chans": channels} if channels > 1 else {}
+
+
 # -- med3d fid --------------------------------------------------------------------------------------
 
 
@@ -125,6 +139,7 @@ def add_fid_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="volumes per KID subset, capped at the smaller set (default 1000)")
     p.add_argument("--bandwidth", type=float, metavar="S", help="RBF bandwidth of the MMD (default: the median pairwise distance)")
     p.add_argument("--force", action="store_true", help="compare feature sets whose provenance differs")
+    add_channel_option(p)
     p.add_argument("--features-dir", metavar="DIR",
                    help="keep the features of each set of scans in DIR/set1.npz and DIR/set2.npz (for another "
                         "fid, or --resume); default: a temporary folder, removed at the end")
@@ -168,6 +183,7 @@ def _feature_sets(args: argparse.Namespace, dist) -> list:
     """Each set of the command line as features: read from a saved file, or extracted from its scans."""
     import tempfile
 
+    from ..data.inputs import expand_inputs
     from ..inference.cohort import feature_set_of_scans, on_main
     from ..inference.feature_scores import expand_scans, is_feature_file, read_feature_file, split_sets
 
@@ -189,7 +205,7 @@ def _feature_sets(args: argparse.Namespace, dist) -> list:
             if folder is None:  # one temporary folder, made by rank 0 and named to the others
                 folder = on_main(dist, lambda: tempfile.mkdtemp(prefix="med3d-fid-"))
                 cleanup.callback(lambda: on_main(dist, lambda: shutil.rmtree(folder, ignore_errors=True)))
-            scans = expand_scans(group)
+            scans = expand_inputs(expand_scans(group), channel=args.channel)
             source = group[0] if len(group) == 1 else f"{len(group)} scans in {os.path.dirname(group[0]) or '.'}"
             say(args, f"  {source}: {len(scans)} scan(s)")
             sets.append(feature_set_of_scans(

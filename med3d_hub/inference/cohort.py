@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from ..data.inputs import InputItem, as_item
 from ..errors import UsageError, is_user_error
 from .distributed import DistContext
 from .feature_scores import FeatureSet, feature_provenance
@@ -72,7 +73,7 @@ def on_main(dist: DistContext, work: Callable[[], Any]) -> Any:
 
 def features_to_file(
     model: nn.Module,
-    inputs: Sequence[str | os.PathLike],
+    inputs: Sequence[str | os.PathLike | InputItem],
     output: str | os.PathLike,
     *,
     preprocess,
@@ -94,7 +95,7 @@ def features_to_file(
     mean and covariance of its rows, and the ranks' accumulators are merged (``run.statistics``).
     """
     dist = dist or DistContext()
-    inputs = [os.fspath(i) for i in inputs]
+    inputs = [i if isinstance(i, InputItem) else os.fspath(i) for i in inputs]
     provenance = run_provenance(model, preprocess, maps=maps, amp=amp, seed=seed)
     if len(set(dist.all_gather_object(run_fingerprint(provenance)))) > 1:
         raise UsageError("the ranks of this run loaded different models or preprocessing; give every rank the "
@@ -121,7 +122,7 @@ def features_to_file(
     dist.barrier()
     failed = sorted(i for rank in dist.all_gather_object(failed) for i in rank)
     run = CohortRun(inputs=len(inputs), computed=len(todo) - len(failed), resumed=len(inputs) - len(todo),
-                    failed=[inputs[i] for i in failed])
+                    failed=[as_item(inputs[i]).name for i in failed])
     if statistics:
         run.statistics = MeanCovariance()
         for accumulator in dist.all_gather_object(rows):  # in rank order
@@ -157,7 +158,7 @@ def _provenance_of(model, preprocess, amp, seed):
     return provenance_of
 
 
-def feature_set_of_scans(model: nn.Module, scans: Sequence[str], output: str | os.PathLike, *, preprocess,
+def feature_set_of_scans(model: nn.Module, scans: Sequence, output: str | os.PathLike, *, preprocess,
                          source: str, seed: int | None = None, amp: str | None = None, resume: bool = False,
                          dist: DistContext | None = None, **options: Any) -> FeatureSet:
     """Pooled features of every scan of a set, kept in ``output`` (``.npz``); any failed scan is an error.
@@ -171,12 +172,12 @@ def feature_set_of_scans(model: nn.Module, scans: Sequence[str], output: str | o
     from .features import FeatureExtractionError
 
     dist = dist or DistContext()
-    scans = [os.fspath(s) for s in scans]
+    scans = [s if isinstance(s, InputItem) else os.fspath(s) for s in scans]
     parts = PartsFolder(output)
     if resume and Path(output).is_file() and not parts.root.exists():
         saved = read_feature_file(os.fspath(output))
         fingerprint = run_fingerprint(run_provenance(model, preprocess, amp=amp, seed=seed))
-        if saved.names == scans and saved.provenance and run_fingerprint({**saved.provenance, "maps": "pooled"}) == fingerprint:
+        if saved.names == [as_item(s).name for s in scans] and saved.provenance and run_fingerprint({**saved.provenance, "maps": "pooled"}) == fingerprint:
             return FeatureSet(source, saved.features, saved.names, saved.provenance,
                               statistics=MeanCovariance.of(saved.features))
         raise UsageError(f"--resume: {output} holds other scans or was made another way; delete it to compute "
@@ -192,7 +193,7 @@ def feature_set_of_scans(model: nn.Module, scans: Sequence[str], output: str | o
     return FeatureSet(source, saved.features, saved.names, saved.provenance, statistics=run.statistics)
 
 
-def _key(item: str) -> str | None:
+def _key(item) -> str | None:
     """The input's key, or None when it cannot be read now (it is then tried, and reported, as any input)."""
     try:
         return input_key(item)
@@ -200,7 +201,7 @@ def _key(item: str) -> str | None:
         return None
 
 
-def predict_masks(predictor, inputs: Sequence[str], paths: Sequence[Path], *, resume: bool = False,
+def predict_masks(predictor, inputs: Sequence, paths: Sequence[Path], *, resume: bool = False,
                   probabilities: bool = False, dist: DistContext | None = None, **options: Any):
     """Yield ``(input index, Prediction)`` for this rank's share of the inputs whose mask is still to write.
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data.inputs import InputItem, as_item
 from ..errors import UsageError
 from ..files import atomic_write, fsync_dir, read_json
 from .feature_files import Features, save_features
@@ -40,15 +41,20 @@ def run_fingerprint(provenance: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def input_key(path: str | os.PathLike) -> str:
-    """An input's identity for resuming: its absolute path, size and mtime (of each file, for a DICOM folder).
+def input_key(entry: str | os.PathLike | InputItem) -> str:
+    """An input's identity for resuming: the absolute path, size and mtime of each of its files (every file
+    under a DICOM folder), and the series and channel it reads.
 
     A scan replaced or touched since its part was written gets a new key and is computed again.
     """
-    path = Path(path).expanduser().absolute()
-    stats = sorted((p.name, p.stat()) for p in path.iterdir() if p.is_file()) if path.is_dir() else [("", path.stat())]
-    text = "|".join([str(path), *(f"{name}:{st.st_size}:{st.st_mtime_ns}" for name, st in stats)])
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    item = as_item(entry)
+    text = [f"series={item.series}", f"channel={item.channel}"]
+    for name in item.paths:
+        path = Path(name).expanduser().absolute()
+        files = sorted(Path(root, f) for root, _, names in os.walk(path) for f in names) if path.is_dir() else [path]
+        text += [str(path), *(f"{f.relative_to(path) if f != path else ''}:{st.st_size}:{st.st_mtime_ns}"
+                              for f in files for st in [f.stat()])]
+    return hashlib.sha256("|".join(text).encode()).hexdigest()[:32]
 
 
 class PartsFolder:
