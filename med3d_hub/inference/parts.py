@@ -42,13 +42,13 @@ def run_fingerprint(provenance: Mapping[str, Any]) -> str:
 
 
 def input_key(entry: str | os.PathLike | InputItem) -> str:
-    """An input's identity for resuming: the absolute path, size and mtime of each of its files (every file
-    under a DICOM folder), and the series and channel it reads.
+    """An input's identity for resuming: its name (its row's), the absolute path, size and mtime of each of
+    its files (every file under a DICOM folder), and the series and channel it reads.
 
     A scan replaced or touched since its part was written gets a new key and is computed again.
     """
     item = as_item(entry)
-    text = [f"series={item.series}", f"channel={item.channel}"]
+    text = [f"name={item.name}", f"series={item.series}", f"channel={item.channel}"]
     for name in item.paths:
         path = Path(name).expanduser().absolute()
         files = sorted(Path(root, f) for root, _, names in os.walk(path) for f in names) if path.is_dir() else [path]
