@@ -35,7 +35,7 @@ def add_predict_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a finetune run folder, a model folder, name.tag, or a weights file (with --model)")
     add_inputs(p)
     p.add_argument("--output", "-o", required=True,
-                   help="segmentation: a folder for the masks; classification: a .csv or .parquet file")
+                   help="segmentation: a folder for the masks (created when missing); classification: a .csv or .parquet file")
     p.add_argument("--model", "-m", help="the architecture of a weights file, e.g. resnet10")
     p.add_argument("--batch-size", "-b", type=positive_int, default=1,
                    help="windows per forward (segmentation) or scans per forward (classification); default 1")
@@ -65,12 +65,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                 "written whole at the end: rerun without --resume")
             paths = [output] * len(inputs)
         else:
-            if not output.is_dir():
-                raise UserError(f"--output {output}: a segmentation writes one mask per scan into a folder; create it first")
+            if output.exists() and not output.is_dir():
+                raise UserError(f"--output {output} is a file: a segmentation writes one mask per scan into a folder; "
+                                "give a folder (it is created when missing)")
             paths = [mask_path(item.name, output, item.kind) for item in inputs]
             twice = sorted({str(n) for n in paths if paths.count(n) > 1})
             if twice:
                 raise UserError(f"several inputs would write the same mask ({', '.join(twice)}); rename or predict them apart")
+            make_output_folder(output)
         ranks = f" on {dist.world_size} ranks" if dist.world_size > 1 else ""
         say(args, f"{PROG} predict: {len(inputs)} input(s){ranks}, {args.source}: {predictor.describe()}")
         rows, failures, done = [], [], 0
@@ -98,3 +100,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         elif args.resume:
             say(args, f"  {len(inputs) - done} mask(s) already written were kept")
     return failed_inputs_code(failures, len(inputs), "were not written")
+
+
+def make_output_folder(folder: Path) -> None:
+    """The masks' folder, created with its parents as nnU-Net's and MONAI's writers do."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--output {folder}: cannot create the folder ({err.strerror or err}); "
+                        "choose a folder you may write to") from None

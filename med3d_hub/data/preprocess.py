@@ -135,6 +135,7 @@ class Preprocess:
         if self.spacing is not None:
             # Keep the physical extent: n voxels of s mm become n * s / t voxels of t mm (half up).
             shape = [max(1, int(n * s / t + 0.5)) for n, s, t in zip(x.shape[1:], spacing, self.spacing)]
+            _check_resampled_size(len(x), shape, x.shape[1:], spacing, self.spacing, getattr(volume, "source", "the array"))
             x = _interpolate(x, shape)
         if self.crop_foreground:
             x = _crop_nonzero(x)
@@ -233,6 +234,30 @@ def _check_intensity(spec: Any) -> dict:
     if method == "percentile_zscore" and not (0 <= out["lower"] and out["upper"] <= 100):
         raise UsageError(f"percentiles must lie in [0, 100], got {out['lower']} and {out['upper']}.")
     return out
+
+
+# The largest volume the spacing step makes, all channels together: 1024^3 float32 voxels (4 GiB),
+# several times any CT at 0.5 mm. Above it the spacing is almost always wrong (a header in cm, a
+# --spacing meant for another scan).
+MAX_RESAMPLED_VOXELS = 1024**3
+
+
+def _check_resampled_size(channels: int, shape, before, spacing, target, source: str) -> None:
+    """Refuse, before allocating, a resampling whose result would not fit in memory; say what it would take."""
+    voxels = channels * int(np.prod(shape, dtype=np.float64))
+    if voxels <= MAX_RESAMPLED_VOXELS:
+        return
+    per_channel = f" x {channels} channels" if channels > 1 else ""
+    raise UsageError(
+        f"{source}: resampling its {_by(before)} voxels of {_by(spacing)} mm to a spacing of {_by(target)} mm would "
+        f"make {_by(shape)} voxels{per_channel}, {voxels * 4 / 2**30:,.1f} GiB of float32 (the limit is "
+        f"{MAX_RESAMPLED_VOXELS * 4 / 2**30:g} GiB); check the scan's voxel size, or give a coarser --spacing "
+        "(or --spacing none to keep the scan's own)"
+    )
+
+
+def _by(values) -> str:
+    return " x ".join(f"{v:g}" for v in values)
 
 
 def _interpolate(x: torch.Tensor, shape) -> torch.Tensor:
