@@ -80,6 +80,7 @@ def features_to_file(
     maps: str = "pooled",
     amp: str | None = None,
     seed: int | None = None,
+    convention: str | None = None,
     resume: bool = False,
     dist: DistContext | None = None,
     on_failure: Callable[[Any], None] = lambda result: None,
@@ -88,7 +89,7 @@ def features_to_file(
 ) -> CohortRun:
     """Features of every input into ``output`` (``.npy``, ``.npz``, ``.csv``, ``.parquet``), through the parts folder.
 
-    ``options`` go to ``iter_features``; ``seed`` (of random weights) goes into the provenance.
+    ``options`` go to ``iter_features``; ``seed`` (of random weights) and ``convention`` go into the provenance.
     ``on_failure`` is called on the rank that read it with each failed ``FeatureResult``. The parts
     folder is removed once the output is written, unless some inputs failed: then it stays, and
     ``resume=True`` later computes only those. ``statistics`` (pooled): each rank accumulates the
@@ -96,7 +97,7 @@ def features_to_file(
     """
     dist = dist or DistContext()
     inputs = [i if isinstance(i, InputItem) else os.fspath(i) for i in inputs]
-    provenance = run_provenance(model, preprocess, maps=maps, amp=amp, seed=seed)
+    provenance = run_provenance(model, preprocess, maps=maps, amp=amp, seed=seed, convention=convention)
     if len(set(dist.all_gather_object(run_fingerprint(provenance)))) > 1:
         raise UsageError("the ranks of this run loaded different models or preprocessing; give every rank the "
                          "same --model, --pretrained and options")
@@ -134,7 +135,7 @@ def features_to_file(
     def finish():
         left_out = set(failed)
         keys_now = [keys[i] or input_key(inputs[i]) for i in range(len(inputs)) if i not in left_out]
-        shape, written, _ = assemble(parts, keys_now, _provenance_of(model, preprocess, amp, seed) if maps == "pooled" else None)
+        shape, written, _ = assemble(parts, keys_now, _provenance_of(model, preprocess, amp, seed, convention) if maps == "pooled" else None)
         if not failed:
             parts.remove()
         return shape, written
@@ -145,22 +146,22 @@ def features_to_file(
 
 
 def run_provenance(model: nn.Module, preprocess, *, maps: str = "pooled", amp: str | None = None,
-                   seed: int | None = None) -> dict:
+                   seed: int | None = None, convention: str | None = None) -> dict:
     """How a run makes its results (``feature_provenance`` before any volume is read, and the maps)."""
-    return {**feature_provenance(model, preprocess, volumes=0, feature_dim=model.num_features, amp=amp, seed=seed),
-            "maps": maps}
+    return {**feature_provenance(model, preprocess, volumes=0, feature_dim=model.num_features, amp=amp, seed=seed,
+                                 convention=convention), "maps": maps}
 
 
-def _provenance_of(model, preprocess, amp, seed):
+def _provenance_of(model, preprocess, amp, seed, convention):
     def provenance_of(volumes: int, feature_dim: int, input_shapes) -> dict:
         return feature_provenance(model, preprocess, volumes=volumes, feature_dim=feature_dim,
-                                  input_shapes=input_shapes, amp=amp, seed=seed)
+                                  input_shapes=input_shapes, amp=amp, seed=seed, convention=convention)
     return provenance_of
 
 
 def feature_set_of_scans(model: nn.Module, scans: Sequence, output: str | os.PathLike, *, preprocess,
-                         source: str, seed: int | None = None, amp: str | None = None, resume: bool = False,
-                         dist: DistContext | None = None, **options: Any) -> FeatureSet:
+                         source: str, seed: int | None = None, amp: str | None = None, convention: str | None = None,
+                         resume: bool = False, dist: DistContext | None = None, **options: Any) -> FeatureSet:
     """Pooled features of every scan of a set, kept in ``output`` (``.npz``); any failed scan is an error.
 
     A score over the scans that happened to be readable would not be a score of the set, so a failed
@@ -176,7 +177,7 @@ def feature_set_of_scans(model: nn.Module, scans: Sequence, output: str | os.Pat
     parts = PartsFolder(output)
     if resume and Path(output).is_file() and not parts.root.exists():
         saved = read_feature_file(os.fspath(output))
-        fingerprint = run_fingerprint(run_provenance(model, preprocess, amp=amp, seed=seed))
+        fingerprint = run_fingerprint(run_provenance(model, preprocess, amp=amp, seed=seed, convention=convention))
         if saved.names == [as_item(s).name for s in scans] and saved.provenance and run_fingerprint({**saved.provenance, "maps": "pooled"}) == fingerprint:
             return FeatureSet(source, saved.features, saved.names, saved.provenance,
                               statistics=MeanCovariance.of(saved.features))
@@ -184,7 +185,7 @@ def feature_set_of_scans(model: nn.Module, scans: Sequence, output: str | os.Pat
                          "this set again")
     failures: list[tuple[str, str]] = []
     run = features_to_file(model, scans, output, preprocess=preprocess, maps="pooled", amp=amp, seed=seed,
-                           resume=resume, dist=dist, statistics=True,
+                           convention=convention, resume=resume, dist=dist, statistics=True,
                            on_failure=lambda result: failures.append((result.name, result.error)), **options)
     failures = [f for rank in dist.all_gather_object(failures) for f in rank]
     if failures:
