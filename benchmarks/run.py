@@ -17,6 +17,9 @@ Sections (``--sections``, default all):
   MONAI take), for resnet50 and resnet200, on random weights in the released files' format.
 - ``features``: ``med3d features`` end to end on NIfTI files made from nilearn's MNI152 template
   (I/O, preprocessing, forward, writing), and the share of the time spent outside the network.
+- ``cohort``: ``med3d features`` over generated CT-like scans (uint16 + slope): volumes/s with 1 and 2
+  reading workers and with 1 and 2 torchrun ranks, peak RSS per process, the share of the time the
+  network waits for data (``benchmarks/cohort.py``).
 - ``train``: co-training steps/s of ``python -m med3d_hub.train`` on synthetic MSD tasks, and the
   samples/s of its data loader alone.
 - ``memory``: the peak resident memory of ``med3d features`` (and its reading workers) on a
@@ -50,7 +53,7 @@ if str(ROOT) not in sys.path:
 
 DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
-SECTIONS = ("forward", "load", "features", "train", "memory")
+SECTIONS = ("forward", "load", "features", "train", "cohort", "memory")
 
 TARGETS = {
     "fast": 1.6,  # fast path throughput / upstream eager baseline, every depth and shape
@@ -80,6 +83,9 @@ FULL = {
     "train_steps": 25,
     "train_log_every": 5,
     "loader_batches": 60,
+    "cohort_volumes": 16,
+    "cohort_shape": (256, 256, 120),  # x, y, z voxels of each generated CT
+    "cohort_size": None,  # the weights' preprocessing
     "memory_shape": (512, 512, 600),  # the full-size CT of benchmarks/memory.py
     "memory_size": (56, 448, 448),
     "memory_workers": (0, 1, 2),
@@ -103,6 +109,9 @@ QUICK = {
     "train_steps": 3,
     "train_log_every": 1,
     "loader_batches": 6,
+    "cohort_volumes": 3,
+    "cohort_shape": (40, 40, 24),
+    "cohort_size": [16, 32, 32],
     "memory_shape": (48, 48, 32),
     "memory_size": (16, 32, 32),
     "memory_workers": (1,),
@@ -608,6 +617,16 @@ def section_train(runner: Runner, cfg: dict, args) -> dict:
     return {"rows": rows}
 
 
+# -- (e) a cohort over workers and ranks -----------------------------------------------------------------------------
+
+
+def section_cohort(runner: Runner, cfg: dict, args) -> dict:
+    from benchmarks import cohort
+
+    return cohort.run(runner.work / "cohort", volumes=cfg["cohort_volumes"], shape=tuple(cfg["cohort_shape"]),
+                      size=cfg["cohort_size"], env=runner.env, log=runner.log)
+
+
 # -- targets and the table ----------------------------------------------------------------------------------------
 
 
@@ -747,6 +766,10 @@ def render_markdown(report: dict) -> str:
             extra = f" ({r['workers']} workers)" if "workers" in r else ""
             lines.append(f"| {r['what']}{extra} | {r.get('arch', '-')} | {_shape(r['crop'])} x {r['batch']} | {steps} | "
                          f"{r['samples_per_s']:.2f} | {ratio} | {_gb(r['peak_bytes'])} |")
+    if "cohort" in res:
+        from benchmarks import cohort
+
+        lines += ["", *cohort.markdown(res["cohort"])]
     if "memory" in res:
         from benchmarks import memory
 
@@ -832,7 +855,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": machine, "config": {k: v for k, v in cfg.items()}, "targets_goal": TARGETS,
               "sections": {}, "results": {}}
     functions = {"forward": section_forward, "load": section_load, "features": section_features, "train": section_train,
-                 "memory": section_memory}
+                 "cohort": section_cohort, "memory": section_memory}
     try:
         for name in args.sections:
             if args.wait_quiet:
