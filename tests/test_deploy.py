@@ -1,0 +1,233 @@
+"""Deploying: ONNX exports checked in onnxruntime, a MONAI bundle run by MONAI, and MONAI's own ResNet.
+
+The weights are MedicalNet-format files made here (tests/medicalnet_files.py), served by name.tag
+from the local Hub server, and small fine-tuning runs (2 steps: the numbers, not the accuracy, matter).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from med3d_hub.cli.app import main as med3d
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PREPROCESS = {"spacing": None, "intensity": {"method": "percentile_zscore", "lower": 0.5, "upper": 99.5},
+              "crop_foreground": True, "size": [24, 32, 32], "size_mode": "resize"}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def served_weights(hub_server, hf_cache, monkeypatch, tmp_path):
+    """resnet10.deploy: MedicalNet-format weights on the local Hub, with a small preprocessing."""
+    from medicalnet_files import medicalnet_bytes
+    from scan_files import manifest_entry, write_manifest
+
+    from med3d_hub.weights import manifest
+
+    data = medicalnet_bytes("resnet10")
+    hub_server.add_file("med3d-test/MedicalNet-Resnet10", "resnet_10.pth", data)
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.endpoint)
+    entry = manifest_entry("deploy", data, PREPROCESS, default=False)
+    monkeypatch.setenv("MED3D_HUB_MANIFEST", str(write_manifest(tmp_path / "weights.json", entry)))
+    monkeypatch.setattr(manifest, "_added", [])
+    return entry
+
+
+def _run_onnx(file: Path, x: torch.Tensor) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    return session.run(None, {"image": x.numpy()})[0]
+
+
+def _relative(got: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(got - expected).max() / np.abs(expected).max())
+
+
+def _finetune(root: Path, task: str) -> Path:
+    """A 2-step fine-tuning run of resnet10 from scratch on synthetic data: a real run folder."""
+    pytest.importorskip("monai")
+    pytest.importorskip("yaml")
+    from med3d_hub.cli.finetune import main as finetune
+    from med3d_hub.training.synthetic import make_synthetic_task
+    from med3d_hub.training.synthetic_classification import make_synthetic_classification
+
+    common = ["--model", "resnet10", "--pretrained", "none", "--crop", "16", "16", "16", "--workers", "0",
+              "--device", "cpu", "-q", "--steps", "2", "--val-every", "2", "--batch-size", "2",
+              "--cache-dir", str(root / "cache"), "--output", str(root / task)]
+    if task == "seg":
+        data = make_synthetic_task(root / "data", "Blob", num_classes=2, num_cases=4, shape=(20, 20, 20), seed=5)
+        args = ["seg", "--data", str(data), "--set", "val_fraction=0.25", *common]
+    else:
+        labels = make_synthetic_classification(root / "cls", num_cases=8, shape=(16, 18, 16), seed=4, split=True)
+        args = ["cls", "--csv", str(labels), "--num-classes", "2", "--set", "class_names=[dark,bright]", *common]
+    assert finetune(args) == 0
+    return root / task
+
+
+# -- ONNX -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_onnx_of_a_name_tag_runs_in_onnxruntime_as_in_pytorch(served_weights, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from medicalnet_files import medicalnet_bytes, sha256
+
+    from med3d_hub import create_model
+
+    out = tmp_path / "onnx"
+    assert med3d(["export", "resnet10.deploy", "--format", "onnx", "--output", str(out)]) == 0
+    assert "dynamo exporter" in capsys.readouterr().out
+    sidecar = json.loads((out / "model.json").read_text())
+    assert sidecar["weights_sha256"] == sha256(medicalnet_bytes("resnet10"))
+    assert sidecar["preprocess"] == PREPROCESS and sidecar["returns"] == "embedding" and sidecar["opset"] == 18
+    assert sidecar["exporter"] == "dynamo" and sidecar["check"]["passed"]
+    assert len(sidecar["check"]["shapes"]) == 2 and max(sidecar["check"]["max_relative_error"]) < 1e-4
+    model = create_model("resnet10.deploy", pretrained=True, num_classes=0).eval()
+    for shape in [(3, 1, 24, 32, 32), (1, 1, 17, 29, 40)]:  # shapes the check did not use
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        assert _relative(_run_onnx(out / "model.onnx", x), expected) < 1e-4
+
+
+def test_the_layer4_map_exports_with_the_torchscript_exporter(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import med3d_hub
+
+    torch.manual_seed(0)
+    model = med3d_hub.create_model("resnet10", num_classes=0).eval()
+    done = med3d_hub.export_onnx(model, tmp_path / "onnx", returns="layer4", exporter="torchscript")
+    assert done.sidecar["exporter"] == "torchscript" and done.sidecar["output"]["name"] == "layer4"
+    x = torch.randn(2, 1, 30, 26, 34)
+    with torch.no_grad():
+        expected = model.forward_features(x).numpy()
+    got = _run_onnx(done.file, x)
+    assert got.shape == expected.shape and _relative(got, expected) < 1e-4
+
+
+def test_a_failed_check_leaves_no_folder(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from med3d_hub import create_model, export_onnx
+    from med3d_hub.publishing.onnx_export import DeployError
+
+    model = create_model("resnet10", num_classes=0).eval()
+    with pytest.raises(DeployError, match="differs from PyTorch"):
+        export_onnx(model, tmp_path / "onnx", exporter="torchscript", tolerance=0.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["cls", "seg"])
+def test_onnx_of_a_finetuned_model_gives_its_logits(task, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from med3d_hub.inference.predictor import load_predictor
+
+    run = _finetune(tmp_path, task)
+    out = tmp_path / "onnx"
+    assert med3d(["export", str(run), "--format", "onnx", "--output", str(out), "-q"]) == 0
+    sidecar = json.loads((out / "model.json").read_text())
+    predictor = load_predictor(run)
+    assert sidecar["returns"] == "logits" and sidecar["task"] == task
+    assert sidecar["class_names"] == predictor.class_names and sidecar["check"]["passed"]
+    assert sidecar["preprocess"] == predictor.preprocess.to_dict()
+    x = torch.randn(2, 1, 20, 28, 36)
+    with torch.no_grad():
+        expected = predictor.net(x).numpy()
+    got = _run_onnx(out / "model.onnx", x)
+    assert got.shape == expected.shape and _relative(got, expected) < 1e-4
+
+
+# -- MONAI bundle -----------------------------------------------------------------------------------
+
+
+def _scans(folder: Path) -> list[Path]:
+    """Two CT-like scans, one stored in another voxel order with an oblique-free, shifted affine."""
+    nib = pytest.importorskip("nibabel")
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    files = []
+    for i, (shape, affine) in enumerate([((30, 28, 26), np.diag([1.5, 1.0, 2.0, 1.0])),
+                                         ((26, 30, 22), np.array([[0, -1.2, 0, 10], [0, 0, 1.0, -5],
+                                                                  [-2.0, 0, 0, 3], [0, 0, 0, 1]]))]):
+        data = rng.normal(0, 300, shape).astype(np.float32)
+        data[:2] = 0  # a zero border: crop_foreground has something to crop
+        files.append(folder / f"scan_{i}.nii.gz")
+        nib.save(nib.Nifti1Image(data, affine), files[-1])
+    return files
+
+
+@pytest.mark.slow
+def test_the_monai_bundle_runs_in_monai_and_gives_med3d_features(served_weights, tmp_path):
+    pytest.importorskip("monai")
+    pytest.importorskip("fire")  # python -m monai.bundle's command line
+    from monai.bundle import ConfigParser
+
+    scans = _scans(tmp_path / "scans")
+    bundle = tmp_path / "bundle"
+    assert med3d(["export", "resnet10.deploy", "--format", "monai-bundle", "--output", str(bundle),
+                  "--data", str(tmp_path / "scans"), "-q"]) == 0
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    for key in ("version", "monai_version", "pytorch_version", "license", "references", "network_data_format"):
+        assert meta[key], key
+    assert "med3d-hub" in meta["optional_packages_version"] and meta["license"] == "mit"
+    assert (bundle / "docs" / "README.md").is_file() and (bundle / "LICENSE").is_file()
+
+    parser = ConfigParser()
+    parser.read_config(bundle / "configs" / "inference.json")
+    net = parser.get_parsed_content("network_def")
+    state = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    net.load_state_dict(state, strict=True)
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+                    "--meta_file", "configs/metadata.json", "--bundle_root", "."],
+                   cwd=bundle, env=env, check=True, capture_output=True, timeout=300)
+    outputs = np.load(bundle / "eval" / "outputs.npy")
+    assert (bundle / "eval" / "inputs.txt").read_text().split() == [str(p) for p in scans]
+
+    features = tmp_path / "features.npy"
+    assert med3d(["features", *map(str, scans), "--model", "resnet10.deploy", "-o", str(features), "-q"]) == 0
+    expected = np.load(features)
+    assert outputs.shape == expected.shape == (2, 512)
+    np.testing.assert_allclose(outputs, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+# -- MONAI's own ResNet -----------------------------------------------------------------------------
+
+
+def test_monais_resnet_loads_the_med3d_weights_strictly(tmp_path):
+    """The recipe of docs/model-zoo.md: MONAI's resnet10 with these arguments takes the weights as they are."""
+    pytest.importorskip("monai")
+    from medicalnet_files import medicalnet_bytes, state_dict_of
+    from monai.networks.nets import resnet10
+
+    from med3d_hub import create_model
+
+    weights = tmp_path / "resnet_10.pth"
+    weights.write_bytes(medicalnet_bytes("resnet10"))
+    state = torch.load(weights, weights_only=True)["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # the one key mapping
+    monai_net = resnet10(spatial_dims=3, n_input_channels=1, conv1_t_stride=2, shortcut_type="B",
+                         bias_downsample=False, feed_forward=False)
+    monai_net.load_state_dict(state, strict=True)
+    for key, value in state_dict_of(medicalnet_bytes("resnet10")).items():
+        assert torch.equal(monai_net.state_dict()[key], value)
+
+    med3d_net = create_model("resnet10", pretrained=str(weights), num_classes=0).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        ours, theirs = med3d_net(x), monai_net.eval()(x)
+        # The same stem and layer1/2; MONAI strides layer3/4 where Med3D dilates them (output stride 32, not 8).
+        assert torch.allclose(med3d_net.stage_outputs(x, (2,))[0], monai_net.layer2(monai_net.layer1(
+            monai_net.maxpool(monai_net.act(monai_net.bn1(monai_net.conv1(x)))))), atol=1e-5)
+    assert ours.shape == theirs.shape == (1, 512) and not torch.allclose(ours, theirs, atol=1e-3)
