@@ -166,40 +166,64 @@ def _scans(folder: Path) -> list[Path]:
     return files
 
 
+def _doc_commands() -> list[list[str]]:
+    """The command block of docs/deploying.md, as argument lists (``med3d`` is ``python -m med3d_hub``)."""
+    import shlex
+
+    doc = (ROOT / "docs" / "deploying.md").read_text(encoding="utf-8")
+    block = doc.split("<!-- deploy-commands:start -->")[1].split("<!-- deploy-commands:end -->")[0]
+    lines = [line for line in block.strip().strip("`").splitlines() if line.strip()]
+    return [shlex.split(line) for line in lines]
+
+
 @pytest.mark.slow
-def test_the_monai_bundle_runs_in_monai_and_gives_med3d_features(served_weights, tmp_path):
+def test_the_documented_exports_run_and_the_bundle_gives_med3d_features(served_weights, tmp_path):
+    """docs/deploying.md's block, run as written in a folder holding scans/ (test weights for resnet10.3dseg8)."""
+    pytest.importorskip("onnxruntime")
     pytest.importorskip("monai")
     pytest.importorskip("fire")  # python -m monai.bundle's command line
-    from monai.bundle import ConfigParser
+    import glob
 
+    from medicalnet_files import medicalnet_bytes
+    from monai.bundle import ConfigParser
+    from scan_files import manifest_entry, write_manifest
+
+    # The doc's name, served by the test Hub: an extra manifest that names the test weights resnet10.3dseg8.
+    entry = manifest_entry("3dseg8", medicalnet_bytes("resnet10"), PREPROCESS, default=False)
+    manifest = write_manifest(tmp_path / "docs-weights.json", entry)
     scans = _scans(tmp_path / "scans")
+    env = {**os.environ, "MED3D_HUB_MANIFEST": str(manifest),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    for argv in _doc_commands():
+        program = [sys.executable, "-m", "med3d_hub"] if argv[0] == "med3d" else [sys.executable]
+        args = []
+        for arg in argv[1:]:  # the shell's glob
+            args += (sorted(glob.glob(arg, root_dir=tmp_path)) if "*" in arg else []) or [arg]
+        proc = subprocess.run([*program, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (argv, proc.stdout[-2000:], proc.stderr[-2000:])
+
+    onnx_sidecar = json.loads((tmp_path / "onnx" / "model.json").read_text())
+    assert onnx_sidecar["check"]["passed"] and onnx_sidecar["returns"] == "embedding"
     bundle = tmp_path / "bundle"
-    assert med3d(["export", "resnet10.deploy", "--format", "monai-bundle", "--output", str(bundle),
-                  "--data", str(tmp_path / "scans"), "-q"]) == 0
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     for key in ("version", "monai_version", "pytorch_version", "license", "references", "network_data_format"):
         assert meta[key], key
     assert "med3d-hub" in meta["optional_packages_version"] and meta["license"] == "mit"
+    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 512
     assert (bundle / "docs" / "README.md").is_file() and (bundle / "LICENSE").is_file()
 
     parser = ConfigParser()
     parser.read_config(bundle / "configs" / "inference.json")
     net = parser.get_parsed_content("network_def")
-    state = torch.load(bundle / "models" / "model.pt", weights_only=True)
-    net.load_state_dict(state, strict=True)
+    net.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True), strict=True)
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-                    "--meta_file", "configs/metadata.json", "--bundle_root", "."],
-                   cwd=bundle, env=env, check=True, capture_output=True, timeout=300)
     outputs = np.load(bundle / "eval" / "outputs.npy")
-    assert (bundle / "eval" / "inputs.txt").read_text().split() == [str(p) for p in scans]
-
-    features = tmp_path / "features.npy"
-    assert med3d(["features", *map(str, scans), "--model", "resnet10.deploy", "-o", str(features), "-q"]) == 0
-    expected = np.load(features)
+    assert (bundle / "eval" / "inputs.txt").read_text().split() == [str(p.resolve()) for p in scans]
+    expected = np.load(tmp_path / "features.npy")
     assert outputs.shape == expected.shape == (2, 512)
     np.testing.assert_allclose(outputs, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    onnx_outputs = _run_onnx(tmp_path / "onnx" / "model.onnx", torch.from_numpy(np.zeros((1, 1, 24, 32, 32), np.float32)))
+    assert onnx_outputs.shape == (1, 512)
 
 
 # -- MONAI's own ResNet -----------------------------------------------------------------------------
