@@ -77,29 +77,6 @@ def _finetune(root: Path, task: str) -> Path:
 # -- ONNX -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_onnx_of_a_name_tag_runs_in_onnxruntime_as_in_pytorch(served_weights, tmp_path, capsys):
-    pytest.importorskip("onnxruntime")
-    from medicalnet_files import medicalnet_bytes, sha256
-
-    from med3d_hub import create_model
-
-    out = tmp_path / "onnx"
-    assert med3d(["export", "resnet10.deploy", "--format", "onnx", "--output", str(out)]) == 0
-    assert "dynamo exporter" in capsys.readouterr().out
-    sidecar = json.loads((out / "model.json").read_text())
-    assert sidecar["weights_sha256"] == sha256(medicalnet_bytes("resnet10"))
-    assert sidecar["preprocess"] == PREPROCESS and sidecar["returns"] == "embedding" and sidecar["opset"] == 18
-    assert sidecar["exporter"] == "dynamo" and sidecar["check"]["passed"]
-    assert len(sidecar["check"]["shapes"]) == 2 and max(sidecar["check"]["max_relative_error"]) < 1e-4
-    model = create_model("resnet10.deploy", pretrained=True, num_classes=0).eval()
-    for shape in [(3, 1, 24, 32, 32), (1, 1, 17, 29, 40)]:  # shapes the check did not use
-        x = torch.randn(*shape)
-        with torch.no_grad():
-            expected = model(x).numpy()
-        assert _relative(_run_onnx(out / "model.onnx", x), expected) < 1e-4
-
-
 def test_the_layer4_map_exports_with_the_torchscript_exporter(tmp_path):
     pytest.importorskip("onnxruntime")
     import med3d_hub
@@ -124,6 +101,23 @@ def test_a_failed_check_leaves_no_folder(tmp_path):
     with pytest.raises(DeployError, match="differs from PyTorch"):
         export_onnx(model, tmp_path / "onnx", exporter="torchscript", tolerance=0.0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_sources_and_outputs_are_refused_before_any_export(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from med3d_hub import create_model, export_onnx
+    from med3d_hub.errors import UsageError
+
+    encoder = create_model("resnet10", num_classes=0)
+    with pytest.raises(UsageError, match="no head"):
+        export_onnx(encoder, tmp_path / "a", returns="logits")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("kept")
+    with pytest.raises(UsageError, match="not an empty folder"):
+        export_onnx(encoder, tmp_path / "full")
+    assert med3d(["export", str(tmp_path / "no" / "run"), "--format", "onnx", "-o", str(tmp_path / "b")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"] and (tmp_path / "full" / "x").read_text() == "kept"
 
 
 @pytest.mark.slow
@@ -184,9 +178,11 @@ def test_the_documented_exports_run_and_the_bundle_gives_med3d_features(served_w
     pytest.importorskip("fire")  # python -m monai.bundle's command line
     import glob
 
-    from medicalnet_files import medicalnet_bytes
+    from medicalnet_files import medicalnet_bytes, sha256
     from monai.bundle import ConfigParser
     from scan_files import manifest_entry, write_manifest
+
+    from med3d_hub import create_model
 
     # The doc's name, served by the test Hub: an extra manifest that names the test weights resnet10.3dseg8.
     entry = manifest_entry("3dseg8", medicalnet_bytes("resnet10"), PREPROCESS, default=False)
@@ -202,8 +198,11 @@ def test_the_documented_exports_run_and_the_bundle_gives_med3d_features(served_w
         proc = subprocess.run([*program, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, (argv, proc.stdout[-2000:], proc.stderr[-2000:])
 
-    onnx_sidecar = json.loads((tmp_path / "onnx" / "model.json").read_text())
-    assert onnx_sidecar["check"]["passed"] and onnx_sidecar["returns"] == "embedding"
+    sidecar = json.loads((tmp_path / "onnx" / "model.json").read_text())
+    assert sidecar["weights_sha256"] == sha256(medicalnet_bytes("resnet10"))
+    assert sidecar["preprocess"] == PREPROCESS and sidecar["returns"] == "embedding" and sidecar["opset"] == 18
+    assert sidecar["exporter"] == "dynamo" and sidecar["check"]["passed"]
+    assert len(sidecar["check"]["shapes"]) == 2 and max(sidecar["check"]["max_relative_error"]) < 1e-4
     bundle = tmp_path / "bundle"
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     for key in ("version", "monai_version", "pytorch_version", "license", "references", "network_data_format"):
@@ -222,8 +221,12 @@ def test_the_documented_exports_run_and_the_bundle_gives_med3d_features(served_w
     expected = np.load(tmp_path / "features.npy")
     assert outputs.shape == expected.shape == (2, 512)
     np.testing.assert_allclose(outputs, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
-    onnx_outputs = _run_onnx(tmp_path / "onnx" / "model.onnx", torch.from_numpy(np.zeros((1, 1, 24, 32, 32), np.float32)))
-    assert onnx_outputs.shape == (1, 512)
+    # The ONNX file at the preprocessed size, and at a shape the check did not use, as PyTorch computes it.
+    model = create_model("resnet10.deploy", pretrained=True, num_classes=0).eval()
+    for shape in [(2, 1, 24, 32, 32), (1, 1, 17, 29, 40)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            assert _relative(_run_onnx(tmp_path / "onnx" / "model.onnx", x), model(x).numpy()) < 1e-4
 
 
 # -- MONAI's own ResNet -----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Union
 from torch import nn
 
 from ..data.preprocess import Preprocess, transforms_for
-from ..errors import UsageError
+from ..errors import MissingFileError, UsageError
 from ..networks.finetune_net import FinetuneNet
 from ..networks.resnet import Med3DResNet
 
@@ -99,6 +99,9 @@ def load_deployable(source: Source, *, model: str | None = None, checkpoint: str
             found = _from_predictor(path)
         elif path.is_dir():
             found = _from_run(path, checkpoint)
+        elif not path.exists() and model is None and ("/" in text or os.sep in text):
+            raise MissingFileError(f"{text}: no such file or folder; give name.tag, a run or model folder, "
+                                   "a fine-tuning run folder, or a weights file with --model")
         else:
             found = _from_weights(text, model)
     if preprocess is not None:
