@@ -148,11 +148,12 @@ def _from_module(net: nn.Module, source: str, preprocess: Preprocess | None, cla
     encoder = net.encoder if isinstance(net, FinetuneNet) else net
     if not isinstance(encoder, Med3DResNet):
         raise UsageError(f"{source}: expected a Med3D ResNet or a fine-tuning network, got {type(net).__name__}")
+    cfg = encoder.pretrained_cfg if isinstance(encoder.pretrained_cfg, dict) else {}
     task, names = None, []
-    if isinstance(net, FinetuneNet) or encoder.seg_classes or encoder.num_classes:
+    head = isinstance(net, FinetuneNet) or encoder.seg_classes or encoder.num_classes
+    if head and cfg.get("head") != "new":  # a freshly initialised head has no logits worth exporting
         predictor = load_predictor(net, preprocess=preprocess, class_names=class_names)
         task, names, preprocess = predictor.task, predictor.class_names, predictor.preprocess
-    cfg = encoder.pretrained_cfg if isinstance(encoder.pretrained_cfg, dict) else {}
     return Deployable(
         net=net.eval(), encoder=encoder, task=task, class_names=names,
         preprocess=preprocess if preprocess is not None else transforms_for(encoder),
