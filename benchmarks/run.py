@@ -777,6 +777,7 @@ def parse_args(argv):
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable CPUs)")
     p.add_argument("--repeats", type=int, help="timed repeats per forward (default 7; quick 2)")
+    p.add_argument("--archs", help="comma-separated depths of the forward section (default resnet10,resnet50)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variant")
     p.add_argument("--rounds", type=int, help="turns of the forward variants, a fresh process each (default 3)")
     p.add_argument("--same-process", action="store_true",
@@ -808,6 +809,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg["forward_shapes"] = cfg["forward_shapes_gpu"]
     if args.repeats:
         cfg["repeats"] = args.repeats
+    if args.archs:
+        cfg["forward_archs"] = tuple(a.strip() for a in args.archs.split(",") if a.strip())
     threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
