@@ -229,6 +229,34 @@ def test_the_documented_exports_run_and_the_bundle_gives_med3d_features(served_w
             assert _relative(_run_onnx(tmp_path / "onnx" / "model.onnx", x), model(x).numpy()) < 1e-4
 
 
+@pytest.mark.slow
+def test_the_bundle_of_a_segmenter_is_instantiated_by_monai_and_loads_strictly(tmp_path):
+    pytest.importorskip("monai")
+    from monai.bundle import ConfigParser
+
+    from med3d_hub import create_model
+    from med3d_hub.errors import UsageError
+    from med3d_hub.models import FinetuneNet
+    from med3d_hub.publishing.monai_bundle import export_bundle
+
+    torch.manual_seed(1)
+    net = FinetuneNet(create_model("resnet10", num_classes=0), "seg", 3).eval()
+    with pytest.raises(UsageError, match="licence"):
+        export_bundle(net, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+    bundle = export_bundle(net, tmp_path / "bundle", license="CC-BY 4.0")
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["license"] == "cc-by-4.0" and meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 3
+    parser = ConfigParser()
+    parser.read_config(bundle / "configs" / "inference.json")
+    rebuilt = parser.get_parsed_content("network_def")
+    assert isinstance(rebuilt, FinetuneNet)
+    rebuilt.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True), strict=True)
+    x = torch.randn(1, 1, 16, 24, 16)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), net(x))
+
+
 # -- MONAI's own ResNet -----------------------------------------------------------------------------
 
 
