@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                 publishing.add_publish_parser, predict.add_predict_parser]
     if training.train_available():
         commands += [training.add_finetune_parser, publishing.add_compare_parser, training.add_train_parser]
+    else:
+        commands.append(training.add_unavailable_parsers)
     for add_parser in commands:  # the order of `med3d --help`
         add_parser(sub, common)
     return parser
@@ -113,8 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``med3d`` with ``argv`` (default: the command line); returns the exit code."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"] and training.train_available():  # everything after `train` belongs to the trainer
-        args = argparse.Namespace(command="train", func=training.cmd_train, train_args=argv[1:], quiet=False, debug=False)
+    if argv[:1] == ["train"]:  # everything after `train` belongs to the trainer
+        run = training.cmd_train if training.train_available() else training.cmd_unavailable
+        args = argparse.Namespace(command="train", func=run, train_args=argv[1:], quiet=False, debug=False)
     else:
         try:
             args = parser.parse_args(argv)
