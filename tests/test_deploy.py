@@ -229,7 +229,6 @@ def test_the_documented_exports_run_and_the_bundle_gives_med3d_features(served_w
             assert _relative(_run_onnx(tmp_path / "onnx" / "model.onnx", x), model(x).numpy()) < 1e-4
 
 
-@pytest.mark.slow
 def test_the_bundle_of_a_segmenter_is_instantiated_by_monai_and_loads_strictly(tmp_path):
     pytest.importorskip("monai")
     from monai.bundle import ConfigParser
