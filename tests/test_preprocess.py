@@ -231,7 +231,7 @@ def test_defaults_are_the_paper_recipe():
         ({"size": [56, 448, 44.5]}, "size must be"),
         ({"spacing": [1, 0, 1]}, "spacing must be null or three positive numbers"),
         ({"size_mode": "pad"}, "unknown size_mode 'pad'; allowed: resize, crop_pad"),
-        ({"crop_foreground": "yes"}, "crop_foreground must be true or false"),
+        ({"crop_foreground": "yes"}, "crop_foreground must be true, false or"),
     ],
 )
 def test_validation_errors(recipe, message):

@@ -17,8 +17,11 @@ intensity steps are ClipIntensityPercentilesd / ThresholdIntensityd + NormalizeI
 size is Resized (trilinear) or ResizeWithPadOrCropd. Two steps are MONAI's own and not bit-equal:
 ``spacing`` (Spacingd resamples by the affine) and ``crop_pad`` (MONAI centres an odd crop one
 voxel the other way); ``nonzero_zscore`` takes the statistics of the non-zero voxels where
-med3d-hub takes those above zero. Without these, ``monai.bundle run`` gives ``med3d features``'
-numbers (tests/test_deploy.py).
+med3d-hub takes those above zero, and ``zscore`` divides by the std over N where med3d-hub divides
+by N - 1 (a relative difference of 1 / 2N). ``window_scale`` is ScaleIntensityRanged onto [-1, 1].
+``crop_foreground: "blank_planes"`` and ``size_mode: "resize_skimage"`` have no MONAI transform
+and are refused. Without these, ``monai.bundle run`` gives ``med3d features``' numbers
+(tests/test_deploy.py).
 """
 
 from __future__ import annotations
@@ -105,6 +108,10 @@ def _resnet_def(config: dict) -> dict:
 def monai_transforms(preprocess: Preprocess) -> list[dict]:
     """``preprocess`` as MONAI dictionary transforms on the key ``image`` (see the module docstring)."""
     keys = "image"
+    if preprocess.crop_foreground == "blank_planes" or preprocess.size_mode == "resize_skimage":
+        step = "crop_foreground 'blank_planes'" if preprocess.crop_foreground == "blank_planes" else "size_mode 'resize_skimage'"
+        raise UsageError(f"the preprocessing step {step} has no MONAI transform, so a bundle cannot run it; "
+                         "export ONNX (--format onnx), whose sidecar carries the recipe, or give another --preprocess")
     steps: list[dict] = [
         {"_target_": "LoadImaged", "keys": keys, "reader": "NibabelReader", "image_only": True},
         {"_target_": "EnsureChannelFirstd", "keys": keys, "channel_dim": "no_channel"},
@@ -121,12 +128,15 @@ def monai_transforms(preprocess: Preprocess) -> list[dict]:
     if method == "percentile_zscore":
         steps.append({"_target_": "ClipIntensityPercentilesd", "keys": keys,
                       "lower": intensity["lower"], "upper": intensity["upper"]})
+    elif method == "window_scale":  # the window onto [-1, 1], clipped
+        steps.append({"_target_": "ScaleIntensityRanged", "keys": keys, "a_min": intensity["min"],
+                      "a_max": intensity["max"], "b_min": -1.0, "b_max": 1.0, "clip": True})
     elif method == "hu_window":
         steps += [{"_target_": "ThresholdIntensityd", "keys": keys, "threshold": intensity["max"], "above": False,
                    "cval": intensity["max"]},
                   {"_target_": "ThresholdIntensityd", "keys": keys, "threshold": intensity["min"], "above": True,
                    "cval": intensity["min"]}]
-    if method != "none":
+    if method not in ("none", "window_scale"):
         steps.append({"_target_": "NormalizeIntensityd", "keys": keys, "nonzero": method == "nonzero_zscore"})
     if preprocess.size is not None:
         if preprocess.size_mode == "resize":
