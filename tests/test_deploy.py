@@ -256,6 +256,29 @@ def test_the_bundle_of_a_segmenter_is_instantiated_by_monai_and_loads_strictly(t
         assert torch.equal(rebuilt.eval()(x), net(x))
 
 
+@pytest.mark.parametrize("intensity", [{"method": "window_scale", "min": -200.0, "max": 300.0},
+                                       {"method": "hu_window", "min": -150.0, "max": 250.0}])
+def test_the_bundles_monai_transforms_preprocess_as_med3d_hub(intensity, tmp_path):
+    pytest.importorskip("monai")
+    from monai.bundle import ConfigParser
+
+    from med3d_hub.data.io import read_volume
+    from med3d_hub.data.preprocess import Preprocess
+    from med3d_hub.errors import UsageError
+    from med3d_hub.publishing.monai_bundle import monai_transforms
+
+    preprocess = Preprocess(intensity=intensity, size=(12, 16, 14))
+    parser = ConfigParser({"imports": ["$import torch"],
+                           "pre": {"_target_": "Compose", "transforms": monai_transforms(preprocess)}})
+    for scan in _scans(tmp_path / "scans"):
+        ours = preprocess(read_volume(scan))
+        theirs = parser.get_parsed_content("pre")({"image": str(scan)})["image"]
+        assert theirs.shape == ours.shape == (1, 12, 16, 14)
+        assert torch.allclose(torch.as_tensor(theirs), ours, atol=1e-5)
+    with pytest.raises(UsageError, match="resize_skimage"):
+        monai_transforms(preprocess.replace(size_mode="resize_skimage"))
+
+
 # -- MONAI's own ResNet -----------------------------------------------------------------------------
 
 

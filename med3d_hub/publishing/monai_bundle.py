@@ -115,7 +115,8 @@ def monai_transforms(preprocess: Preprocess) -> list[dict]:
     steps: list[dict] = [
         {"_target_": "LoadImaged", "keys": keys, "reader": "NibabelReader", "image_only": True},
         {"_target_": "EnsureChannelFirstd", "keys": keys, "channel_dim": "no_channel"},
-        {"_target_": "Orientationd", "keys": keys, "axcodes": "RAS"},  # voxel axes (i, j, k) = (W, H, D)
+        # voxel axes (i, j, k) = (W, H, D); nibabel's labels, so the meaning stays across MONAI versions
+        {"_target_": "Orientationd", "keys": keys, "axcodes": "RAS", "labels": [["L", "R"], ["P", "A"], ["I", "S"]]},
     ]
     if preprocess.spacing is not None:
         steps.append({"_target_": "Spacingd", "keys": keys, "pixdim": list(preprocess.spacing[::-1]), "mode": "bilinear"})
