@@ -14,7 +14,10 @@ Steps (a failing step is recorded and the next one runs):
 5. ``finetune_seg`` and ``finetune_cls``: ``med3d finetune seg|cls`` for a few steps.
 6. ``features``: ``med3d features`` on a real scan (``--scan``, default nilearn's MNI152 T1),
    on the device and on the CPU; the embeddings must agree.
-7. ``benchmark``: ``python -m benchmarks --device DEV --sections forward,train``.
+7. ``cohort``: ``med3d features`` on one GPU with 16 reading workers over generated full-size CTs
+   (512 x 512 x 300, uint16 + slope, ``benchmarks/cohort.py``): volumes/s, the GPU's busy share
+   (the forward's share of the time after the model is loaded) and the peak RSS.
+8. ``benchmark``: ``python -m benchmarks --device DEV --sections forward,train``.
 
 Writes ``device_check.json`` (the summary, rewritten after every step) and ``device_check.log``
 (every command and its output) into ``--out``; ``benchmark.json`` and ``benchmark.md`` go to
@@ -43,14 +46,16 @@ if str(ROOT) not in sys.path:
 SIZES = {
     "full": {"arch": "resnet10", "shape": (72, 88, 80), "cases": 6, "crop": (64, 64, 64), "batch": 4,
              "steps": 60, "checkpoint_every": 15, "log_every": 5, "workers": 4,
-             "finetune_steps": 8, "finetune_crop": (48, 64, 64), "features_size": (128, 128, 128)},
+             "finetune_steps": 8, "finetune_crop": (48, 64, 64), "features_size": (128, 128, 128),
+             "cohort_volumes": 8, "cohort_shape": (512, 512, 300), "cohort_workers": 16, "cohort_size": None},
     "quick": {"arch": "resnet10", "shape": (28, 32, 28), "cases": 3, "crop": (24, 24, 24), "batch": 2,
               "steps": 16, "checkpoint_every": 4, "log_every": 2, "workers": 0,
-              "finetune_steps": 2, "finetune_crop": (16, 16, 16), "features_size": (32, 32, 32)},
+              "finetune_steps": 2, "finetune_crop": (16, 16, 16), "features_size": (32, 32, 32),
+              "cohort_volumes": 2, "cohort_shape": (40, 40, 24), "cohort_workers": 2, "cohort_size": [16, 32, 32]},
 }
-# Seconds each step may take at most (the whole check must fit 8 minutes on the GPU).
+# Seconds each step may take at most (the whole check must fit 10 minutes on the GPU).
 TIMEOUTS = {"cuda_tests": 150, "cotrain_resume": 120, "cotrain_2proc": 120, "finetune_seg": 60, "finetune_cls": 60,
-            "features": 60, "benchmark": 180}
+            "features": 60, "cohort": 150, "benchmark": 180}
 
 
 class StepFailed(RuntimeError):
@@ -336,6 +341,22 @@ class Check:
                 raise StepFailed(f"{label} features differ from the CPU's by {diffs[label]:.2e} (> {tol:g})")
         return {"scan": str(scan), "shape": list(reference.shape), "max_rel_diff_vs_cpu": diffs}
 
+    def cohort(self) -> dict:
+        from benchmarks import cohort
+
+        s = self.sizes
+        result = cohort.run(self.work / "cohort", volumes=s["cohort_volumes"], shape=s["cohort_shape"],
+                            workers=(s["cohort_workers"],), ranks=(), device=self.device, size=s["cohort_size"],
+                            env=self.env, log=self.log, timeout=self.timeout("cohort") / 2)
+        (row,) = result["rows"]
+        if not row["ok"]:
+            raise StepFailed(row["error"][-500:])
+        if row["forwards"] != s["cohort_volumes"]:
+            raise StepFailed(f"{row['forwards']} forwards for {s['cohort_volumes']} volumes")
+        return {"volumes": row["volumes"], "shape_xyz": result["shape_xyz"], "workers": row["workers"],
+                "volumes_per_s": row["volumes_per_s"], "gpu_busy_share" if self.gpu else "network_busy_share":
+                row["network_busy_share"], "peak_rss_gb": round(row["peak_rss_bytes"] / 1e9, 2), "wall_s": row["wall_s"]}
+
     def benchmark(self) -> dict:
         bench = self.out / "bench"
         command = [sys.executable, "-m", "benchmarks", "--device", self.device, "--sections", "forward,train",
@@ -357,7 +378,7 @@ class Check:
         for name, fn in [("environment", self.environment), ("cuda_tests", self.cuda_tests),
                          ("cotrain_resume", self.cotrain_resume), ("cotrain_2proc", self.cotrain_2proc),
                          ("finetune_seg", lambda: self.finetune("seg")), ("finetune_cls", lambda: self.finetune("cls")),
-                         ("features", self.features), ("benchmark", self.benchmark)]:
+                         ("features", self.features), ("cohort", self.cohort), ("benchmark", self.benchmark)]:
             if self.args.steps and name not in self.args.steps:
                 continue
             self.step(name, fn)
@@ -418,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes, same steps (the CPU dry run)")
     p.add_argument("--out", default=os.environ.get("OUT") or "device-check-out", help="folder for the summary and the log")
     p.add_argument("--scan", help="a NIfTI scan for the features step (default: nilearn's MNI152 T1 template)")
-    p.add_argument("--budget", type=float, default=450.0, help="seconds for all steps (default 450)")
+    p.add_argument("--budget", type=float, default=570.0, help="seconds for all steps (default 570)")
     p.add_argument("--steps", type=lambda t: t.split(","), help="run only these steps (comma-separated)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = p.parse_args(argv)

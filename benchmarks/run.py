@@ -17,6 +17,9 @@ Sections (``--sections``, default all):
   MONAI take), for resnet50 and resnet200, on random weights in the released files' format.
 - ``features``: ``med3d features`` end to end on NIfTI files made from nilearn's MNI152 template
   (I/O, preprocessing, forward, writing), and the share of the time spent outside the network.
+- ``cohort``: ``med3d features`` over generated CT-like scans (uint16 + slope): volumes/s with 1 and 2
+  reading workers and with 1 and 2 torchrun ranks, peak RSS per process, the share of the time the
+  network waits for data (``benchmarks/cohort.py``).
 - ``train``: co-training steps/s of ``python -m med3d_hub.train`` on synthetic MSD tasks, and the
   samples/s of its data loader alone.
 
@@ -49,7 +52,7 @@ if str(ROOT) not in sys.path:
 
 DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
-SECTIONS = ("forward", "load", "features", "train")
+SECTIONS = ("forward", "load", "features", "train", "cohort")
 
 TARGETS = {
     "fast": 1.6,  # fast path throughput / upstream eager baseline, every depth and shape
@@ -79,6 +82,9 @@ FULL = {
     "train_steps": 25,
     "train_log_every": 5,
     "loader_batches": 60,
+    "cohort_volumes": 16,
+    "cohort_shape": (256, 256, 120),  # x, y, z voxels of each generated CT
+    "cohort_size": None,  # the weights' preprocessing
 }
 QUICK = {
     "forward_archs": ("resnet10", "resnet50"),
@@ -98,6 +104,9 @@ QUICK = {
     "train_steps": 3,
     "train_log_every": 1,
     "loader_batches": 6,
+    "cohort_volumes": 3,
+    "cohort_shape": (40, 40, 24),
+    "cohort_size": [16, 32, 32],
 }
 
 VARIANT_LABELS = {
@@ -611,6 +620,16 @@ def section_train(runner: Runner, cfg: dict, args) -> dict:
     return {"rows": rows}
 
 
+# -- (e) a cohort over workers and ranks -----------------------------------------------------------------------------
+
+
+def section_cohort(runner: Runner, cfg: dict, args) -> dict:
+    from benchmarks import cohort
+
+    return cohort.run(runner.work / "cohort", volumes=cfg["cohort_volumes"], shape=tuple(cfg["cohort_shape"]),
+                      size=cfg["cohort_size"], env=runner.env, log=runner.log)
+
+
 # -- targets and the table ----------------------------------------------------------------------------------------
 
 
@@ -750,6 +769,10 @@ def render_markdown(report: dict) -> str:
             extra = f" ({r['workers']} workers)" if "workers" in r else ""
             lines.append(f"| {r['what']}{extra} | {r.get('arch', '-')} | {_shape(r['crop'])} x {r['batch']} | {steps} | "
                          f"{r['samples_per_s']:.2f} | {ratio} | {_gb(r['peak_bytes'])} |")
+    if "cohort" in res:
+        from benchmarks import cohort
+
+        lines += ["", *cohort.markdown(res["cohort"])]
     if report["targets"]:
         lines += ["", "### Targets", "", "| target | measured | goal | held | missed by |", "|---|---|---|---|---|"]
         for t in report["targets"]:
@@ -833,7 +856,8 @@ def main(argv: list[str] | None = None) -> int:
               "quick": args.quick, "device": args.device, "started": _dt.datetime.now().isoformat(timespec="seconds"),
               "machine": machine, "config": {k: v for k, v in cfg.items()}, "targets_goal": TARGETS,
               "sections": {}, "results": {}}
-    functions = {"forward": section_forward, "load": section_load, "features": section_features, "train": section_train}
+    functions = {"forward": section_forward, "load": section_load, "features": section_features, "train": section_train,
+                 "cohort": section_cohort}
     try:
         for name in args.sections:
             if args.wait_quiet:

@@ -19,7 +19,7 @@ from med3d_hub.cli import zoo
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = Path(med3d_hub.__file__).parent
 # the public surfaces over the layers (docs/architecture.md); nothing inside imports them
-SURFACES = {"models", "train", "finetune"}
+SURFACES = {"models", "train", "finetune", "features", "fid", "predict"}
 
 
 def _layers() -> list[str]:

@@ -26,7 +26,7 @@ def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, json.loads((out / "benchmark.json").read_text()), (out / "benchmark.md").read_text(), proc.stdout
 
@@ -34,11 +34,12 @@ def quick_report(tmp_path_factory):
 def test_quick_run_writes_json_and_markdown(quick_report):
     out, report, markdown, stdout = quick_report
     assert report["quick"] is True
-    assert set(report["results"]) == {"forward", "load", "features", "train"}
+    assert set(report["results"]) == {"forward", "load", "features", "train", "cohort"}
     assert report["machine"]["threads"] >= 1 and report["machine"]["torch"]
     for name, section in report["sections"].items():
         assert len(section["load_before"]["loadavg"]) == 3, name
-    for heading in ("### Forward", "### Loading weights", "### `med3d features`", "### Co-training", "### Targets"):
+    for heading in ("### Forward", "### Loading weights", "### `med3d features`", "### Co-training", "### Cohort",
+                    "### Targets"):
         assert heading in markdown
     assert "load average" in stdout
 
@@ -76,6 +77,18 @@ def test_features_and_training_ran(quick_report):
     assert features["output_ok"] and features["volumes"] == 2 and 0 <= features["outside_share"] <= 1
     step, loader = report["results"]["train"]["rows"]
     assert step["steps_per_s"] > 0 and loader["samples_per_s"] > 0
+
+
+def test_the_cohort_ran_over_workers_and_ranks(quick_report):
+    _, report, markdown, _ = quick_report
+    cohort = report["results"]["cohort"]
+    rows = {(r["workers"], r["ranks"], r["torchrun"]): r for r in cohort["rows"]}
+    assert set(rows) == {(1, 1, False), (2, 1, False), (1, 1, True), (1, 2, True)}
+    for r in rows.values():
+        assert r["forwards"] == cohort["volumes"]  # every volume once, over all the ranks
+        assert 0 <= r["network_waits_share"] <= 1 and r["peak_rss_bytes"] > 0
+    assert len(rows[(1, 2, True)]["peak_rss_per_rank"]) == 2
+    assert "torchrun, 2 rank(s)" in markdown
 
 
 def test_a_local_weights_file_is_hashed_once_until_it_changes(tmp_path, hf_cache, monkeypatch):

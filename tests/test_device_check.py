@@ -20,7 +20,7 @@ pytest.importorskip("nilearn")  # the features step's scan: nilearn's MNI152 tem
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["environment", "cuda_tests", "cotrain_resume", "cotrain_2proc", "finetune_seg", "finetune_cls", "features",
-         "benchmark"]
+         "cohort", "benchmark"]
 
 
 @pytest.mark.slow  # 3.5 minutes on a quiet 2-core machine; most steps are tested on their own. Run it before a GPU run
@@ -46,6 +46,8 @@ def test_the_cpu_dry_run_passes_every_step(tmp_path):
     assert steps["features"]["details"]["max_rel_diff_vs_cpu"]["cpu fp32"] == 0.0
     assert {r["variant"] for r in steps["benchmark"]["details"]["forward"]} >= {"upstream", "default", "fast"}
     log = (out / "device_check.log").read_text()
-    assert "resume:" in log and "8 passed, 0 failed" in log
+    cohort = steps["cohort"]["details"]
+    assert cohort["workers"] == 2 and cohort["volumes_per_s"] > 0 and 0 < cohort["network_busy_share"] <= 1
+    assert "resume:" in log and "9 passed, 0 failed" in log
     bench = json.loads((out / "bench" / "benchmark.json").read_text())
     assert set(bench["results"]) == {"forward", "train"}

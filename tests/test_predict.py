@@ -254,6 +254,25 @@ def test_bad_inputs_are_reported_and_skipped_the_others_written(seg_run, tmp_pat
     assert med3d(["predict", str(seg_run["run"]), *twice, "-o", str(out), "-q"]) == 2  # two inputs, one mask name
 
 
+def test_resume_keeps_the_masks_written_and_writes_the_missing_ones(seg_run, tmp_path, capsys):
+    second = tmp_path / "second.nii.gz"
+    second.write_bytes(Path(seg_run["image"]).read_bytes())
+    out = tmp_path / "masks"
+    out.mkdir()
+    args = ["predict", str(seg_run["run"]), str(seg_run["image"]), str(second), "-o", str(out), "--device", "cpu"]
+    assert med3d([*args, "-q"]) == 0
+    kept = (out / "scan.nii.gz").stat().st_ino
+    reference = (out / "second.nii.gz").read_bytes()
+    (out / "second.json").unlink()  # as a run killed between the mask and its sidecar leaves it
+    capsys.readouterr()
+    assert med3d([*args, "--resume"]) == 0
+    said = capsys.readouterr().out
+    assert f"wrote {out / 'second.nii.gz'}" in said and "scan.nii.gz" not in said.split("\n", 1)[1]
+    assert "1 mask(s) already written were kept" in said
+    assert (out / "scan.nii.gz").stat().st_ino == kept  # not rewritten
+    assert (out / "second.nii.gz").read_bytes() == reference and (out / "second.json").is_file()
+
+
 def test_a_missing_output_folder_is_created_as_other_writers_do(seg_run, tmp_path, capsys):
     out = tmp_path / "results" / "masks"  # neither folder exists
     status = med3d(["predict", str(seg_run["run"]), str(seg_run["image"]), "-o", f"{out}/", "--device", "cpu", "-q"])

@@ -89,7 +89,8 @@ def test_dist_backend_auto_takes_gloo_where_processes_share_a_gpu(monkeypatch):
     """NCCL refuses two processes on one GPU; auto then takes gloo, and nccl is refused on CPUs."""
     import torch
 
-    from med3d_hub.training.distributed import pick_backend
+    from med3d_hub.errors import UsageError
+    from med3d_hub.inference.distributed import pick_backend
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     cuda = torch.device("cuda", 0)
@@ -97,7 +98,7 @@ def test_dist_backend_auto_takes_gloo_where_processes_share_a_gpu(monkeypatch):
     assert pick_backend("auto", cuda, 2) == "gloo"
     assert pick_backend("nccl", cuda, 2) == "nccl"  # asked for: NCCL itself says whether it can
     assert pick_backend("auto", torch.device("cpu"), 2) == "gloo"
-    with pytest.raises(ConfigError, match="nccl needs GPUs"):
+    with pytest.raises(UsageError, match="nccl needs GPUs"):
         pick_backend("nccl", torch.device("cpu"), 1)
     with pytest.raises(ConfigError, match="dist_backend must be one of"):
         TrainConfig(dist_backend="mpi")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -14,8 +16,8 @@ from ..weights.pretrained_cfg import has_weights
 from .loading import apply_convention, command_preprocess, load_model
 from .options import (
     DEFAULT_MODEL, UserError, add_channel_option, add_convention_option, add_inputs, add_model_command,
-    add_progress_option, add_reading_options, check_inputs_exist, check_runtime, inputs_of, positive_int,
-    preprocess_overrides, show_progress,
+    add_progress_option, add_reading_options, add_resume_option, check_inputs_exist, check_runtime, inputs_of,
+    positive_int, preprocess_overrides, process_group, show_progress,
 )
 from .output import PROG, failed_inputs_code, report_skipped, say, warn
 
@@ -70,6 +72,7 @@ def add_features_parser(sub, common: argparse.ArgumentParser) -> None:
     add_reading_options(p, "volumes per forward; volumes of equal preprocessed shape are batched (default 1)")
     p.add_argument("--no-fast", action="store_true",
                    help="run the plain model instead of the BatchNorm-folded channels_last copy (same results)")
+    add_resume_option(p, "whose features are in OUTPUT.parts/ (written as they are computed)")
     add_progress_option(p)
     p.add_argument("--nan-policy", choices=("error", "zero"), default="error",
                    help="an input with NaN or infinite voxels fails (error, the default) or has them set to 0 (zero)")
@@ -78,7 +81,8 @@ def add_features_parser(sub, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from ..inference.features import check_output, describe_preprocess, iter_features
+    from ..inference.cohort import features_to_file
+    from ..inference.features import check_output, describe_preprocess
     from ..weights.factory import resolve_pretrained
 
     apply_convention(args, DEFAULT_MODEL)
@@ -88,29 +92,31 @@ def cmd_features(args: argparse.Namespace) -> int:
     resolve_pretrained(args.model, args.pretrained)  # option errors first, then the inputs, before any download
     check_runtime(args)
     check_inputs_exist(inputs)
-    model, label = load_model(args, **_channels_of(inputs))
-    preprocess = command_preprocess(model, args)
-    say(args, f"{PROG} features: {len(inputs)} input(s), {args.model} with {label}, convention {args.convention}",
-        f"  preprocessing: {describe_preprocess(preprocess)}")
-    start = time.perf_counter()
-    results, failures = [], []
-    for result in iter_features(
-        model, inputs, preprocess=preprocess, maps=args.maps, batch_size=args.batch_size, device=args.device,
-        amp=args.amp, force_amp=args.force_amp, fast=not args.no_fast, workers=args.workers,
-        progress=show_progress(args), nan_policy=args.nan_policy,
-    ):
-        if result.ok:
-            results.append(result)
-        else:
-            failures.append(result)
-            report_skipped(result.error)
+    with process_group(args) as dist:
+        model, label = load_model(args, **_channels_of(inputs))
+        preprocess = command_preprocess(model, args)
+        ranks = f" on {dist.world_size} ranks" if dist.world_size > 1 else ""
+        say(args, f"{PROG} features: {len(inputs)} input(s){ranks}, {args.model} with {label}, "
+                  f"convention {args.convention}",
+            f"  preprocessing: {describe_preprocess(preprocess)}")
+        start = time.perf_counter()
+        run = features_to_file(
+            model, inputs, output, preprocess=preprocess, maps=args.maps, amp=args.amp, convention=args.convention,
+            resume=args.resume, dist=dist,
+            on_failure=lambda result: report_skipped(result.error), batch_size=args.batch_size,
+            device=dist.device if dist.initialised else args.device, force_amp=args.force_amp, fast=not args.no_fast,
+            workers=args.workers, progress=show_progress(args), nan_policy=args.nan_policy,
+        )
     elapsed = time.perf_counter() - start
-    if not results:
+    if not run.written:
         print(f"{PROG}: error: all {len(inputs)} input(s) failed; nothing written to {output}", file=sys.stderr)
         return EXIT_FAILED
-    shape = _write_features(args, output, results, model, preprocess)
-    say(args, f"  wrote {output}: {shape} float32 from {len(results)} of {len(inputs)} input(s) in {elapsed:.1f} s")
-    return failed_inputs_code(failures, len(inputs), f"have no row in {output}")
+    resumed = f" ({run.resumed} from {output.name}.parts, {run.computed} computed now)" if run.resumed else ""
+    say(args, f"  wrote {output}: {run.shape} float32 from {run.written} of {len(inputs)} input(s){resumed} "
+              f"in {elapsed:.1f} s")
+    if run.parts:
+        say(args, f"  the others' results stay in {run.parts}: fix the failed inputs and rerun with --resume to add them")
+    return failed_inputs_code(run.failed, len(inputs), f"have no row in {output}")
 
 
 def _channels_of(inputs) -> dict:
@@ -120,22 +126,6 @@ def _channels_of(inputs) -> dict:
     multi = next((item for item in inputs if len(item.paths) > 1 or item.channel == "all"), None)
     channels = input_channels(multi) if multi is not None else 1
     return {"in_chans": channels} if channels > 1 else {}
-
-
-def _write_features(args: argparse.Namespace, output, results, model, preprocess):
-    """Write the features of the inputs that were read (with their provenance when pooled); returns their shape."""
-    from ..inference.features import save_features, stack_results
-
-    features = stack_results(results, args.maps)
-    provenance = None
-    if args.maps == "pooled":
-        from ..inference.feature_scores import feature_provenance
-
-        provenance = feature_provenance(model, preprocess, volumes=len(results), feature_dim=features.shape[1],
-                                        input_shapes=[r.shape for r in results], amp=args.amp,
-                                        convention=args.convention)
-    save_features(output, features, [r.name for r in results], provenance=provenance)
-    return {k: v.shape for k, v in features.items()} if isinstance(features, dict) else features.shape
 
 
 # -- med3d fid --------------------------------------------------------------------------------------
@@ -161,6 +151,10 @@ def add_fid_parser(sub, common: argparse.ArgumentParser) -> None:
     add_convention_option(p)
     p.add_argument("--list-conventions", action="store_true",
                    help="list the published 3D FID conventions, what each computes and its source, and exit")
+    p.add_argument("--features-dir", metavar="DIR",
+                   help="keep the features of each set of scans in DIR/set1.npz and DIR/set2.npz (for another "
+                        "fid, or --resume); default: a temporary folder, removed at the end")
+    add_resume_option(p, "whose features are in --features-dir (a failed scan stops the run; the others' stay there)")
     add_reading_options(p, "volumes per forward (default 1)")
     p.set_defaults(func=cmd_fid)
 
@@ -178,7 +172,16 @@ def cmd_fid(args: argparse.Namespace) -> int:
         raise UserError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
     if args.bandwidth is not None and not args.bandwidth > 0:
         raise UserError(f"--bandwidth must be > 0, got {args.bandwidth}")
-    report = score_sets(*_feature_sets(args), kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+    if args.features_dir and not Path(args.features_dir).expanduser().is_dir():
+        raise UserError(f"--features-dir {args.features_dir}: no such folder; create it first")
+    if args.resume and not args.features_dir:
+        raise UserError("--resume continues from the features kept in --features-dir DIR; give the folder of the "
+                        "interrupted run")
+    with process_group(args) as dist:
+        sets = _feature_sets(args, dist)
+        if not dist.is_main:
+            return EXIT_OK
+    report = score_sets(*sets, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
                         bandwidth=args.bandwidth, bootstrap=args.bootstrap, seed=args.seed, force=args.force)
     report["command"] = shlex.join([PROG, *getattr(args, "argv", [])])
     for note in report["warnings"]:
@@ -208,36 +211,45 @@ def _list_conventions(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _feature_sets(args: argparse.Namespace) -> list:
+def _feature_sets(args: argparse.Namespace, dist) -> list:
     """Each set of the command line as features: read from a saved file, or extracted from its scans."""
+    import tempfile
+
     from ..data.inputs import expand_inputs
-    from ..inference.feature_scores import expand_scans, features_of_scans, is_feature_file, read_feature_file, split_sets
+    from ..inference.cohort import feature_set_of_scans, on_main
+    from ..inference.feature_scores import expand_scans, is_feature_file, read_feature_file, split_sets
 
     sets, model = [], None
-    for group in split_sets(args.inputs):
-        if is_feature_file(group):
-            sets.append(read_feature_file(group[0]))
-            made = (sets[-1].provenance or {}).get("convention", "med3d")
-            if args.convention != "med3d" and made != args.convention:
-                raise UserError(f"{group[0]} holds features of the {made} convention, not {args.convention}: "
-                                f"recompute them with --convention {args.convention}, or leave --convention out")
-            continue
-        if model is None:  # the model is loaded once, and only when a set is scans
-            check_runtime(args)
-            import torch
+    with contextlib.ExitStack() as cleanup:
+        folder = args.features_dir
+        for number, group in enumerate(split_sets(args.inputs), start=1):
+            if is_feature_file(group):
+                sets.append(read_feature_file(group[0]))
+                made = (sets[-1].provenance or {}).get("convention", "med3d")
+                if args.convention != "med3d" and made != args.convention:
+                    raise UserError(f"{group[0]} holds features of the {made} convention, not {args.convention}: "
+                                    f"recompute them with --convention {args.convention}, or leave --convention out")
+                continue
+            if model is None:  # the model is loaded once, and only when a set is scans
+                check_runtime(args)
+                import torch
 
-            torch.manual_seed(args.seed)  # random weights (--pretrained none) are then the same on every run
-            model, label = load_model(args)
-            preprocess = command_preprocess(model, args)
-            say(args, f"{PROG} fid: features of {args.model} with {label}, convention {args.convention}")
-        scans = expand_inputs(expand_scans(group), channel=args.channel)
-        source = group[0] if len(group) == 1 else f"{len(group)} scans in {os.path.dirname(group[0]) or '.'}"
-        say(args, f"  {source}: {len(scans)} scan(s)")
-        sets.append(features_of_scans(
-            model, scans, preprocess, source=source, seed=None if has_weights(model) else args.seed,
-            convention=args.convention,
-            amp=args.amp, force_amp=args.force_amp, device=args.device, batch_size=args.batch_size, workers=args.workers,
-            progress=(not args.quiet) and sys.stderr.isatty()))
+                torch.manual_seed(args.seed)  # random weights (--pretrained none) are then the same on every run
+                model, label = load_model(args)
+                preprocess = command_preprocess(model, args)
+                say(args, f"{PROG} fid: features of {args.model} with {label}, convention {args.convention}")
+            if folder is None:  # one temporary folder, made by rank 0 and named to the others
+                folder = on_main(dist, lambda: tempfile.mkdtemp(prefix="med3d-fid-"))
+                cleanup.callback(lambda: on_main(dist, lambda: shutil.rmtree(folder, ignore_errors=True)))
+            scans = expand_inputs(expand_scans(group), channel=args.channel)
+            source = group[0] if len(group) == 1 else f"{len(group)} scans in {os.path.dirname(group[0]) or '.'}"
+            say(args, f"  {source}: {len(scans)} scan(s)")
+            sets.append(feature_set_of_scans(
+                model, scans, Path(folder).expanduser() / f"set{number}.npz", preprocess=preprocess, source=source,
+                seed=None if has_weights(model) else args.seed, convention=args.convention, amp=args.amp,
+                resume=args.resume, dist=dist,
+                force_amp=args.force_amp, device=dist.device if dist.initialised else args.device,
+                batch_size=args.batch_size, workers=args.workers, progress=(not args.quiet) and sys.stderr.isatty()))
     return sets
 
 

@@ -6,6 +6,7 @@ A command module builds its subparser from these groups and adds only the option
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,12 @@ def add_reading_options(p: argparse.ArgumentParser, batch_help: str) -> None:
     p.add_argument("--workers", type=positive_int, default=1, help="threads reading ahead of the network (default 1)")
 
 
+def add_resume_option(p: argparse.ArgumentParser, what: str) -> None:
+    """--resume: continue an interrupted run from what it wrote (see inference/parts.py)."""
+    p.add_argument("--resume", action="store_true",
+                   help=f"continue an interrupted run: skip the inputs {what}; a run made another way is refused")
+
+
 def add_progress_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar over the inputs (default: when stderr is a terminal)")
@@ -217,6 +224,23 @@ def check_runtime(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+
+
+@contextlib.contextmanager
+def process_group(args: argparse.Namespace):
+    """This process's place in a torchrun group (a group of one without torchrun); only rank 0 speaks.
+
+    The group is left at the end, also after an error, so that torchrun's other ranks are not kept waiting.
+    """
+    from ..inference.distributed import init_distributed
+
+    dist = init_distributed(args.device)
+    if not dist.is_main:
+        args.quiet = True
+    try:
+        yield dist
+    finally:
+        dist.shutdown()
 
 
 def _triple(values: list[str] | None, option: str, kind: type) -> Any:

@@ -36,9 +36,10 @@ def report_skipped(error: str) -> None:
 
 
 def failed_inputs_code(failures: list, total: int, outcome: str) -> int:
-    """The exit code of a run over inputs: 1 when some failed (named, with ``outcome``: what became of them), else 0."""
+    """The exit code of a run over inputs: 1 when some failed (results or names; ``outcome``: what became of them), else 0."""
     if not failures:
         return EXIT_OK
-    print(f"{PROG}: {len(failures)} of {total} input(s) failed and {outcome}: " + ", ".join(r.name for r in failures),
+    print(f"{PROG}: {len(failures)} of {total} input(s) failed and {outcome}: "
+          + ", ".join(getattr(r, "name", r) for r in failures),
           file=sys.stderr)
     return EXIT_FAILED

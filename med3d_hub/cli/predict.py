@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from .options import (
-    UserError, add_command, add_inputs, add_progress_option, check_runtime, inputs_of, positive_int, runtime_options,
-    show_progress,
+    UserError, add_command, add_inputs, add_progress_option, add_resume_option, check_runtime, inputs_of, positive_int,
+    process_group, runtime_options, show_progress,
 )
 from .output import PROG, failed_inputs_code, report_skipped, say
 
@@ -44,48 +44,62 @@ def add_predict_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="sliding window size (default: the training crop)")
     p.add_argument("--probabilities", action="store_true", help="also write float16 per-class maps (segmentation)")
     p.add_argument("--no-fast", action="store_true", help="run the plain model instead of the BatchNorm-folded copy")
+    add_resume_option(p, "whose mask (and sidecar, and probabilities when asked for) is already written")
     add_progress_option(p)
     p.set_defaults(func=cmd_predict)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ..inference.predict import check_table_output, iter_predictions, load_predictor, mask_path, write_mask, write_table
+    from ..inference.cohort import predict_masks
+    from ..inference.predict import check_table_output, load_predictor, mask_path, write_mask, write_table
 
     inputs = inputs_of(args)
     check_runtime(args)
-    predictor = load_predictor(args.source, model=args.model, window=args.window)
     output = Path(args.output)
-    if predictor.task == "cls":
-        check_table_output(output)
-    else:
-        if output.exists() and not output.is_dir():
-            raise UserError(f"--output {output} is a file: a segmentation writes one mask per scan into a folder; "
-                            "give a folder (it is created when missing)")
-        names = [mask_path(item.name, output, item.kind) for item in inputs]
-        twice = sorted({str(n) for n in names if names.count(n) > 1})
-        if twice:
-            raise UserError(f"several inputs would write the same mask ({', '.join(twice)}); rename or predict them apart")
-    if predictor.task == "seg":
-        make_output_folder(output)
-    say(args, f"{PROG} predict: {len(inputs)} input(s), {args.source}: {predictor.describe()}")
-    results, failures = [], []
-    for result in iter_predictions(predictor, inputs, batch_size=args.batch_size, overlap=args.overlap,
-                                   probabilities=args.probabilities, device=args.device, amp=args.amp,
-                                   force_amp=args.force_amp, fast=not args.no_fast, progress=show_progress(args)):
-        if not result.ok:
-            failures.append(result)
-            report_skipped(result.error)
-        elif predictor.task == "seg":
-            written = write_mask(result, mask_path(result.name, output, result.kind), probabilities=args.probabilities,
-                                 source=str(args.source))
-            say(args, f"  wrote {written[0]}")
+    with process_group(args) as dist:
+        predictor = load_predictor(args.source, model=args.model, window=args.window)
+        if predictor.task == "cls":
+            check_table_output(output)
+            if args.resume:
+                raise UserError("--resume skips the masks a segmentation already wrote; a classification table is "
+                                "written whole at the end: rerun without --resume")
+            paths = [output] * len(inputs)
         else:
-            results.append(result)
-    if predictor.task == "cls" and results:
-        write_table(results, output)
-        say(args, f"  wrote {output}: {len(results)} row(s)")
+            if output.exists() and not output.is_dir():
+                raise UserError(f"--output {output} is a file: a segmentation writes one mask per scan into a folder; "
+                                "give a folder (it is created when missing)")
+            paths = [mask_path(item.name, output, item.kind) for item in inputs]
+            twice = sorted({str(n) for n in paths if paths.count(n) > 1})
+            if twice:
+                raise UserError(f"several inputs would write the same mask ({', '.join(twice)}); rename or predict them apart")
+            make_output_folder(output)
+        ranks = f" on {dist.world_size} ranks" if dist.world_size > 1 else ""
+        say(args, f"{PROG} predict: {len(inputs)} input(s){ranks}, {args.source}: {predictor.describe()}")
+        rows, failures, done = [], [], 0
+        for i, result in predict_masks(predictor, inputs, paths, resume=args.resume, probabilities=args.probabilities,
+                                       dist=dist, batch_size=args.batch_size, overlap=args.overlap,
+                                       device=dist.device if dist.initialised else args.device, amp=args.amp,
+                                       force_amp=args.force_amp, fast=not args.no_fast, progress=show_progress(args)):
+            done += 1
+            if not result.ok:
+                failures.append(result.name)
+                report_skipped(result.error)
+            elif predictor.task == "seg":
+                written = write_mask(result, paths[i], probabilities=args.probabilities, source=str(args.source))
+                say(args, f"  wrote {written[0]}")
+            else:
+                rows.append((i, result))
+        dist.barrier()
+        failures = [name for rank in dist.all_gather_object(failures) for name in rank]
+        done = sum(dist.all_gather_object(done))
+        if predictor.task == "cls":
+            rows = sorted((row for rank in dist.all_gather_object(rows) for row in rank), key=lambda row: row[0])
+            if rows and dist.is_main:
+                write_table([r for _, r in rows], output)
+                say(args, f"  wrote {output}: {len(rows)} row(s)")
+        elif args.resume:
+            say(args, f"  {len(inputs) - done} mask(s) already written were kept")
     return failed_inputs_code(failures, len(inputs), "were not written")
-
 
 
 def make_output_folder(folder: Path) -> None:

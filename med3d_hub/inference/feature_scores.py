@@ -69,6 +69,7 @@ class FeatureSet:
     features: np.ndarray
     names: list[str]
     provenance: dict | None
+    statistics: metrics.MeanCovariance | None = None  # their mean and covariance, when accumulated apart (ranks)
 
 
 # -- provenance -------------------------------------------------------------------------------------
@@ -311,7 +312,8 @@ def score_sets(first: FeatureSet, second: FeatureSet, *, kid_subsets: int = 100,
     estimator = (shared or {}).get("estimator", DEFAULTS["estimator"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", metrics.SingularCovarianceWarning)
-        fid = metrics.fid(a, b, estimator=estimator)
+        fid = metrics.fid(a if first.statistics is None else first.statistics,
+                          b if second.statistics is None else second.statistics, estimator=estimator)
     notes = sorted({str(w.message) for w in caught if issubclass(w.category, metrics.SingularCovarianceWarning)})
     kid = metrics.kid(a, b, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
     sigma = metrics.median_bandwidth(a, b, seed=seed) if bandwidth is None else float(bandwidth)

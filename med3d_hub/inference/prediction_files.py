@@ -23,7 +23,7 @@ from ..files import atomic_write
 if TYPE_CHECKING:
     from .predict import Prediction
 
-__all__ = ["TABLE_FORMATS", "check_table_output", "mask_path", "write_mask", "write_table"]
+__all__ = ["TABLE_FORMATS", "check_table_output", "mask_files", "mask_path", "write_mask", "write_table"]
 
 TABLE_FORMATS = (".csv", ".parquet")
 
@@ -37,6 +37,13 @@ def mask_path(name: str, folder: str | os.PathLike, kind: str) -> Path:
     return Path(folder) / (stem + (".npy" if kind == "array" else ".nii.gz"))
 
 
+def mask_files(path: str | os.PathLike, probabilities: bool = False) -> list[Path]:
+    """The files ``write_mask`` writes for the mask ``path``: the mask, its sidecar, and the probabilities if asked for."""
+    path = Path(path)
+    stem = path.name.removesuffix(".nii.gz").removesuffix(".npy")
+    return [path, path.with_name(stem + ".json")] + ([path.with_name(stem + "_probabilities.npz")] if probabilities else [])
+
+
 def write_mask(pred: Prediction, path: str | os.PathLike, *, probabilities: bool = False, source: str = "") -> list[Path]:
     """Write the mask (uint8 labels; NIfTI with the input's affine and header, or ``.npy``), a sidecar
     JSON naming the labels and, with ``probabilities``, a float16 ``_probabilities.npz`` of the maps.
@@ -44,7 +51,7 @@ def write_mask(pred: Prediction, path: str | os.PathLike, *, probabilities: bool
     Every file is written to a temporary name and renamed. Returns the paths written."""
     path = Path(path)
     labels = {str(i): n for i, n in enumerate(pred.class_names)}
-    stem = path.name.removesuffix(".nii.gz").removesuffix(".npy")
+    _, sidecar, *maps_file = mask_files(path, probabilities=True)
     written = []
     if path.name.endswith(".npy"):
         with atomic_write(path) as f:
@@ -62,14 +69,13 @@ def write_mask(pred: Prediction, path: str | os.PathLike, *, probabilities: bool
         with atomic_write(path) as f:
             f.write(image.to_bytes() if not path.name.endswith(".gz") else _gzip(image.to_bytes()))
     written.append(path)
-    sidecar = path.with_name(stem + ".json")
     meta = {"labels": labels, "input": pred.name, "model": source, "shape": list(pred.mask.shape),
             "affine": np.asarray(pred.affine).tolist()}
     with atomic_write(sidecar) as f:
         f.write((json.dumps(meta, indent=2) + "\n").encode())
     written.append(sidecar)
     if probabilities and pred.probabilities is not None:
-        maps = path.with_name(stem + "_probabilities.npz")
+        maps = maps_file[0]
         with atomic_write(maps) as f:
             np.savez_compressed(f, probabilities=pred.probabilities, affine=np.asarray(pred.affine),
                                 class_names=np.array(pred.class_names))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .distributed import DistContext
+from ..inference.distributed import DistContext
 
 __all__ = ["BatchNormAverager"]
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import Med3DError
 from ..files import atomic_write, read_json
-from .distributed import DistContext
+from ..inference.distributed import DistContext
 
 __all__ = ["BadCaseWarning", "DataError", "cache_root", "default_cache_dir", "fill_everywhere", "fingerprint",
            "is_cached", "report_bad", "save_case", "settings_folder", "source_folder"]

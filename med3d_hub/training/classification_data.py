@@ -35,7 +35,7 @@ from .cache import (
     DataError, cache_root, fill_everywhere, fingerprint, forget_case, is_cached, report_bad, save_case, settings_folder,
     source_folder,
 )
-from .distributed import DistContext
+from ..inference.distributed import DistContext
 from .config import ConfigError
 from .finetune_config import ClsFinetuneConfig
 from .sampling import MicroBatchPlan

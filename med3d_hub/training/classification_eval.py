@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .classification_data import ClsTask
-from .distributed import DistContext
+from ..inference.distributed import DistContext
 
 __all__ = ["binary_auc", "classification_scores", "validate_classification"]
 

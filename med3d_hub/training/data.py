@@ -38,7 +38,7 @@ from .cache import (
     source_folder, write_json,
 )
 from .config import ConfigError, SegmentationSection, TaskConfig
-from .distributed import DistContext
+from ..inference.distributed import DistContext
 
 __all__ = ["Case", "PreparedTask", "discover_cases", "prepare_tasks"]
 

@@ -35,7 +35,7 @@ from .checkpoint import (
 )
 from .config import RunConfig
 from .data import prepare_tasks
-from .distributed import DistContext, init_distributed
+from ..inference.distributed import DistContext, init_distributed
 from .encoder import export_encoder
 from .evaluate import validate
 from .metrics import MetricsLogger

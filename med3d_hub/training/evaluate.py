@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .data import PreparedTask
-from .distributed import DistContext
+from ..inference.distributed import DistContext
 
 __all__ = ["validate"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .distributed import DistContext
+from ..inference.distributed import DistContext
 
 __all__ = ["Printer", "StopRequest", "agree", "lock_output", "worker_init"]
 

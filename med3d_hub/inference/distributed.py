@@ -1,10 +1,11 @@
-"""The process group: one place that knows whether we run alone or under torchrun.
+"""The process group: one place that knows whether we run alone or under torchrun (training and inference).
 
 ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; then the group is initialised with
 NCCL on GPUs and gloo on CPUs. NCCL refuses two processes on one GPU, so when a node runs more
 processes than it has GPUs (``LOCAL_WORLD_SIZE``), ``auto`` takes gloo there too (gloo reduces
 CUDA tensors through host memory: slower, but it runs). A plain ``python -m med3d_hub.train``
-runs as a group of one without initialising anything, and every collective below is then a no-op.
+(or ``med3d features``) runs as a group of one without initialising anything, and every collective
+below is then a no-op.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..inference.runtime import resolve_device
-from .config import ConfigError
+from ..errors import UsageError
+from .runtime import resolve_device
 
 __all__ = ["DistContext", "init_distributed", "pick_backend"]
 
@@ -80,7 +81,7 @@ class DistContext:
 def pick_backend(preference: str, device: torch.device, local_world_size: int) -> str:
     """``auto``: NCCL when every process of the node has a GPU of its own, else gloo."""
     if preference == "nccl" and device.type != "cuda":
-        raise ConfigError("dist_backend nccl needs GPUs; use dist_backend: gloo (or auto) on CPUs")
+        raise UsageError("dist_backend nccl needs GPUs; use dist_backend: gloo (or auto) on CPUs")
     if preference != "auto":
         return preference
     if device.type == "cuda" and local_world_size <= torch.cuda.device_count():
@@ -108,7 +109,7 @@ def init_distributed(device: str = "auto", timeout_min: float = 60.0, backend: s
         store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(
-            backend=backend, store=dist.PrefixStore(f"med3d_hub.train/attempt_{attempt}", store),
+            backend=backend, store=dist.PrefixStore(f"med3d_hub/attempt_{attempt}", store),
             rank=rank, world_size=world, timeout=timeout, **kwargs,
         )
         ctx.initialised = True

@@ -1,0 +1,15 @@
+"""`python -m med3d_hub.features` and `torchrun -m med3d_hub.features`: `med3d features`, with the inputs shared out over the ranks.
+
+The arguments are those of `med3d features` (the same parser); this package is only the entry point.
+"""
+
+import sys
+
+from ..cli.app import main as _main
+
+__all__ = ["main"]
+
+
+def main(argv=None) -> int:
+    """Run `med3d features` with ``argv`` (default: the command line); returns the exit code."""
+    return _main(["features", *(sys.argv[1:] if argv is None else argv)])
