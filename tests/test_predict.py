@@ -160,6 +160,14 @@ def test_a_run_predicts_on_the_scans_own_grid(seg_run, tmp_path):
     assert np.array_equal(preds[0].mask, data) and np.array_equal(preds[0].affine, scan.affine)
     assert preds[0].class_names == ["background", "blob"]
 
+    # `med3d_hub.predict` is the public function and the torchrun entry package: importing the
+    # package (as `torchrun -m med3d_hub.predict` does) must leave the documented call working.
+    import med3d_hub
+    import med3d_hub.predict  # noqa: F401
+
+    by_api = med3d_hub.predict(seg_run["run"], [seg_run["image"]], device="cpu")
+    assert np.array_equal(by_api[0].mask, data)
+
 
 def test_the_mask_undoes_the_orientation_exactly(seg_run):
     """from_canonical inverts read_volume: the canonical array goes back to the file's array."""
