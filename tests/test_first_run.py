@@ -16,6 +16,7 @@ pytest.importorskip("nibabel")
 
 from hub_server import HubServer  # noqa: E402
 from scan_files import ROOT, closed_endpoint, manifest_entry, med3d_env, medicalnet_pth, run_med3d, write_manifest  # noqa: E402
+from skips import needs  # noqa: E402
 
 from med3d_hub.cli import app as cli  # noqa: E402
 from med3d_hub.cli import training  # noqa: E402
@@ -89,8 +90,8 @@ def test_from_scratch_is_offered_as_a_baseline_to_finetune():
     assert "the features mean nothing" in cli.unreachable_message(err, "features")
 
 
-@pytest.mark.skipif(not training.train_available(), reason="the training package is not installed")
 def test_train_errors_name_the_folder_problem_with_the_prefix(tmp_path, capsys):
+    needs(training.train_available(), "the training extra", "pip install 'med3d-hub[train]'")
     empty = tmp_path / "emptydir"
     empty.mkdir()
     code = cli.main(["train", "--data", str(empty), "--output", str(tmp_path / "run"), "--steps", "1"])
