@@ -8,17 +8,19 @@ import os
 import time
 import tracemalloc
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from scan_files import med3d_env, run_med3d, write_broken
 
-import med3d_hub
-from med3d_hub.cli import app as cli
-from med3d_hub.cli import features as features_command
-from med3d_hub.data.io import VolumeReadError, read_volume
-from med3d_hub.inference.features import FeatureExtractionError, check_output, extract_features
+nib = pytest.importorskip("nibabel")  # the io extra
+
+from scan_files import med3d_env, run_med3d, write_broken  # noqa: E402
+
+import med3d_hub  # noqa: E402
+from med3d_hub.cli import app as cli  # noqa: E402
+from med3d_hub.cli import features as features_command  # noqa: E402
+from med3d_hub.data.io import VolumeReadError, read_volume  # noqa: E402
+from med3d_hub.inference.features import FeatureExtractionError, check_output, extract_features  # noqa: E402
 
 PREPROCESS = {"spacing": None, "size": [16, 16, 16], "intensity": {"method": "none"}, "crop_foreground": False}
 
