@@ -160,8 +160,9 @@ def test_bad_options_fail_before_reading(model):
         extract_features(model, ["x.nii"], batch_size=0)
     with pytest.raises(ValueError, match="device"):
         extract_features(model, ["x.nii"], device="tpu")
-    with pytest.raises(ValueError, match="input channels"):
-        extract_features(med3d_hub.create_model("resnet10", in_chans=2), ["x.nii"])
+    # A model of two input channels takes inputs of two; a one-channel volume is named as such.
+    with pytest.raises(FeatureExtractionError, match=r"<array 0>: 1 channel\(s\), but the model takes 2: give one file per channel"):
+        extract_features(med3d_hub.create_model("resnet10", in_chans=2), [np.zeros((8, 8, 8), np.float32)])
 
 
 def test_amp_is_refused_where_it_is_emulated(monkeypatch):

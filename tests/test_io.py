@@ -261,7 +261,7 @@ def test_channel_of_4d_nifti(tmp_path, template):
     with pytest.raises(VolumeReadError, match=r"channel 3 does not exist \(channels 0..2"):
         read_volume(path, channel=3)
     np.save(tmp_path / "volume.npy", data)
-    with pytest.raises(VolumeReadError, match="4-D NIfTI images only"):
+    with pytest.raises(VolumeReadError, match="4-D NIfTI, NRRD and MetaImage images only"):
         read_volume(tmp_path / "volume.npy", channel=0)
 
 
@@ -278,10 +278,19 @@ def test_singular_affine(tmp_path):
 
 
 def test_unknown_suffix(tmp_path):
+    path = tmp_path / "scan.vol"
+    path.write_bytes(b"x")
+    with pytest.raises(VolumeReadError, match="unknown file type") as info:
+        read_volume(path)
+    assert "NRRD" in str(info.value) and "MetaImage" in str(info.value)
+
+
+def test_broken_metaimage(tmp_path):
     path = tmp_path / "scan.mha"
     path.write_bytes(b"x")
-    with pytest.raises(VolumeReadError, match="unknown file type"):
+    with pytest.raises(VolumeReadError, match="not a readable NRRD or MetaImage file") as info:
         read_volume(path)
+    assert "scan.mha" in str(info.value)
 
 
 # --- .npy ------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from ..errors import EXIT_FAILED, EXIT_OK
 from ..weights.pretrained_cfg import has_weights
 from .loading import load_model, model_preprocess
 from .options import (
-    UserError, add_inputs, add_model_command, add_progress_option, add_reading_options, check_inputs_exist,
+    UserError, add_channel_option, add_inputs, add_model_command, add_progress_option, add_reading_options, check_inputs_exist,
     check_runtime, inputs_of, positive_int, preprocess_overrides, show_progress,
 )
 from .output import PROG, failed_inputs_code, report_skipped, say, warn
@@ -26,8 +26,12 @@ examples:
   {PROG} features --inputs-from list.txt --intensity hu_window:-200,250 -o feats.parquet
   {PROG} features scan.nii.gz --pretrained ~/weights/resnet_10.pth -o f.npy  a local MedicalNet file
 
-inputs: NIfTI files (.nii, .nii.gz), folders holding one DICOM series, or 3-D .npy arrays. Rows
-follow the input order; an input that fails is reported on stderr and skipped (exit code 1).
+inputs: NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage (.mha, .mhd) files, DICOM folders
+(each series, in sub-folders too, is a row: FOLDER#SeriesInstanceUID when there are several; --series UID
+picks one), or 3-D .npy arrays. 4-D images: --channel N picks a volume. Several channels per case
+(--channels a.nii.gz,b.nii.gz, a CSV with a column per channel, or --channel all) adapt the model's first
+conv to that many. Rows follow the input order; an input that fails is reported on stderr and skipped
+(exit code 1).
 outputs: .npy (array), .npz (features + file names + provenance, for med3d fid), .csv / .parquet
 (file column + f0..fC-1).
 """
@@ -73,11 +77,11 @@ def cmd_features(args: argparse.Namespace) -> int:
 
     overrides = preprocess_overrides(args)
     inputs = inputs_of(args)
-    output = check_output(args.output, args.maps, inputs)
+    output = check_output(args.output, args.maps, [path for item in inputs for path in item.paths])
     resolve_pretrained(args.model, args.pretrained)  # option errors first, then the inputs, before any download
     check_runtime(args)
     check_inputs_exist(inputs)
-    model, label = load_model(args)
+    model, label = load_model(args, **_channels_of(inputs))
     preprocess = model_preprocess(model, args.model, overrides)
     say(args, f"{PROG} features: {len(inputs)} input(s), {args.model} with {label}",
         f"  preprocessing: {describe_preprocess(preprocess)}")
@@ -100,6 +104,15 @@ def cmd_features(args: argparse.Namespace) -> int:
     shape = _write_features(args, output, results, model, preprocess)
     say(args, f"  wrote {output}: {shape} float32 from {len(results)} of {len(inputs)} input(s) in {elapsed:.1f} s")
     return failed_inputs_code(failures, len(inputs), f"have no row in {output}")
+
+
+def _channels_of(inputs) -> dict:
+    """``in_chans`` for the model when the inputs have several channels (the first one's count)."""
+    from ..data.inputs import input_channels
+
+    multi = next((item for item in inputs if len(item.paths) > 1 or item.channel == "all"), None)
+    channels = input_channels(multi) if multi is not None else 1
+    return {"in_chans": channels} if channels > 1 else {}
 
 
 def _write_features(args: argparse.Namespace, output, results, model, preprocess):
@@ -136,6 +149,7 @@ def add_fid_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="volumes per KID subset, capped at the smaller set (default 1000)")
     p.add_argument("--bandwidth", type=float, metavar="S", help="RBF bandwidth of the MMD (default: the median pairwise distance)")
     p.add_argument("--force", action="store_true", help="compare feature sets whose provenance differs")
+    add_channel_option(p)
     add_reading_options(p, "volumes per forward (default 1)")
     p.set_defaults(func=cmd_fid)
 
@@ -164,6 +178,7 @@ def cmd_fid(args: argparse.Namespace) -> int:
 
 def _feature_sets(args: argparse.Namespace) -> list:
     """Each set of the command line as features: read from a saved file, or extracted from its scans."""
+    from ..data.inputs import expand_inputs
     from ..inference.feature_scores import expand_scans, features_of_scans, is_feature_file, read_feature_file, split_sets
 
     sets, model = [], None
@@ -179,7 +194,7 @@ def _feature_sets(args: argparse.Namespace) -> list:
             model, label = load_model(args)
             preprocess = model_preprocess(model, args.model, preprocess_overrides(args))
             say(args, f"{PROG} fid: features of {args.model} with {label}")
-        scans = expand_scans(group)
+        scans = expand_inputs(expand_scans(group), channel=args.channel)
         source = group[0] if len(group) == 1 else f"{len(group)} scans in {os.path.dirname(group[0]) or '.'}"
         say(args, f"  {source}: {len(scans)} scan(s)")
         sets.append(features_of_scans(

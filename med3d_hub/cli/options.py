@@ -99,9 +99,26 @@ def add_model_command(sub, common: argparse.ArgumentParser, name: str, **texts: 
 
 
 def add_inputs(p: argparse.ArgumentParser) -> None:
-    """The scans a command reads: paths on the command line and --inputs-from."""
-    p.add_argument("inputs", nargs="*", metavar="INPUT", help="NIfTI files, DICOM series folders or .npy arrays")
-    p.add_argument("--inputs-from", metavar="FILE", help="read more inputs from FILE, one per line ('-' = stdin)")
+    """The scans a command reads: paths on the command line, --channels cases, --inputs-from, and what to read of each."""
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="NIfTI, NRRD or MetaImage files, DICOM folders (each series is an input) or .npy arrays")
+    p.add_argument("--inputs-from", metavar="FILE",
+                   help="read more inputs from FILE, one per line ('-' = stdin); a .csv: one case per row, a column "
+                        "per channel file (paths from the CSV's folder) and an optional name column")
+    p.add_argument("--channels", action="append", metavar="FILE,FILE,...",
+                   help="one case of several channels, a file each on one voxel grid, for a model with that many "
+                        "input channels; repeat it per case")
+    p.add_argument("--series", metavar="UID",
+                   help="read only this SeriesInstanceUID of each DICOM folder (default: every series, one input each)")
+    add_channel_option(p, allow_all=True)
+
+
+def add_channel_option(p: argparse.ArgumentParser, allow_all: bool = False) -> None:
+    """--channel: one volume of each 4-D input (or, with ``allow_all``, all of them as channels)."""
+    p.add_argument("--channel", type=channel_index if not allow_all else channel_choice,
+                   metavar="N|all" if allow_all else "N",
+                   help="volume N (from 0) of each 4-D input, e.g. one MRI modality"
+                        + ("; 'all': every volume, as the channels of a model with several" if allow_all else ""))
 
 
 def add_reading_options(p: argparse.ArgumentParser, batch_help: str) -> None:
@@ -119,13 +136,25 @@ def add_progress_option(p: argparse.ArgumentParser) -> None:
 
 
 def positive_int(text: str) -> int:
+    return _whole_number(text, 1, "a positive integer")
+
+
+def channel_index(text: str) -> int:
+    return _whole_number(text, 0, "a channel number (0, 1, ...)")
+
+
+def _whole_number(text: str, minimum: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        value = minimum - 1
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
+
+
+def channel_choice(text: str) -> int | str:
+    return text.lower() if text.lower() == "all" else channel_index(text)
 
 
 def show_progress(args: argparse.Namespace) -> bool:
@@ -133,12 +162,18 @@ def show_progress(args: argparse.Namespace) -> bool:
     return (not args.quiet) and (args.progress if args.progress is not None else sys.stderr.isatty())
 
 
-def inputs_of(args: argparse.Namespace) -> list[str]:
-    """The inputs in order: those on the command line, then those of --inputs-from."""
-    inputs = list(args.inputs) + (read_list(args.inputs_from) if args.inputs_from else [])
-    if not inputs:
-        raise UserError("no inputs: give scan files or DICOM folders, or --inputs-from FILE")
-    return inputs
+def inputs_of(args: argparse.Namespace) -> list:
+    """The inputs in order, as the items to read (``data/inputs.py``): those on the command line, the
+    --channels cases, then those of --inputs-from; each series of a DICOM folder is an item of its own."""
+    from ..data.inputs import expand_inputs, read_case_table
+
+    entries: list = list(args.inputs) + [[f for f in files.split(",") if f] for files in args.channels or []]
+    if args.inputs_from:
+        is_table = args.inputs_from != "-" and args.inputs_from.lower().endswith(".csv")
+        entries += read_case_table(args.inputs_from) if is_table else read_list(args.inputs_from)
+    if not entries:
+        raise UserError("no inputs: give scan files or DICOM folders, --channels FILES, or --inputs-from FILE")
+    return expand_inputs(entries, series=args.series, channel=args.channel)
 
 
 def read_list(path: str) -> list[str]:
@@ -154,9 +189,11 @@ def check_inputs_exist(inputs: list[str]) -> None:
 
     Some missing among others are reported and skipped with the other failures (exit code 1).
     """
-    if not any(Path(p).expanduser().exists() for p in inputs):
-        shown = ", ".join(inputs[:3]) + (f" and {len(inputs) - 3} more" if len(inputs) > 3 else "")
-        raise UserError(f"no such file or folder: {shown}; give NIfTI files, DICOM series folders or .npy arrays")
+    paths = [p for item in inputs for p in ([item] if isinstance(item, str) else item.paths)]
+    if not any(Path(p).expanduser().exists() for p in paths):
+        shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        raise UserError(f"no such file or folder: {shown}; give NIfTI, NRRD or MetaImage files, DICOM folders "
+                        "or .npy arrays")
 
 
 def check_runtime(args: argparse.Namespace) -> None:

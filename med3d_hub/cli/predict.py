@@ -16,9 +16,11 @@ PREDICT_EPILOG = f"""examples:
   {PROG} predict resnet10.lits-ft ct/*.nii.gz -o masks/ --probabilities  weights published with their head
   {PROG} predict runs/nodule-cls scans/*.nii.gz -o predictions.csv      class probabilities, one row per scan
   {PROG} predict weights.safetensors --model resnet10 scan.nii.gz -o masks/
+  {PROG} predict runs/brain-ft --channels a_t1.nii.gz,a_t2.nii.gz -o masks/   a model of two input channels
 
 A segmentation writes SCAN.nii.gz (uint8 labels, the input's shape and affine), SCAN.json (the label
-names) and, with --probabilities, SCAN_probabilities.npz (float16 maps). Exit code 1: some inputs failed
+names) and, with --probabilities, SCAN_probabilities.npz (float16 maps). Each series of a DICOM folder of several
+writes FOLDER_UID.nii.gz; a case of several channel files is named after its first file. Exit code 1: some inputs failed
 (the others were written); 2: a usage error."""
 
 
@@ -58,8 +60,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         if not output.is_dir():
             raise UserError(f"--output {output}: a segmentation writes one mask per scan into a folder; create it first")
-        kinds = ["array" if i.lower().endswith(".npy") else "nifti" for i in inputs]
-        names = [mask_path(i, output, k) for i, k in zip(inputs, kinds)]
+        names = [mask_path(item.name, output, item.kind) for item in inputs]
         twice = sorted({str(n) for n in names if names.count(n) > 1})
         if twice:
             raise UserError(f"several inputs would write the same mask ({', '.join(twice)}); rename or predict them apart")

@@ -25,8 +25,11 @@ preprocessing is stored beside the weights in the manifest as a small dict and r
 4. ``size`` ([D, H, W] or null) with ``size_mode``: ``resize`` interpolates (trilinear) to exactly
    that size; ``crop_pad`` centre-crops and zero-pads (0 is the mean after a z-score).
 
-The result is a float32 tensor of shape (1, D, H, W): the channel axis first, ready to batch.
-The work is done with torch and numpy on the CPU; MONAI is not needed.
+The result is a float32 tensor of shape (1, D, H, W): the channel axis first, ready to batch. A
+volume of several channels on one grid ((C, D, H, W), e.g. MRI modalities) gives (C, D, H, W): the
+channels are resampled and resized alike, cropped to the box of the voxels non-zero in any channel,
+and each is normalised with its own statistics. The work is done with torch and numpy on the CPU;
+MONAI is not needed.
 """
 
 from __future__ import annotations
@@ -112,7 +115,8 @@ class Preprocess:
         return dataclasses.replace(self, **overrides)
 
     def __call__(self, volume: Volume | np.ndarray) -> torch.Tensor:
-        """Preprocess a ``Volume`` or a (D, H, W) array at 1 mm into a (1, D, H, W) float32 tensor."""
+        """Preprocess a ``Volume`` or a (D, H, W) array at 1 mm into a (1, D, H, W) float32 tensor
+        (a (C, D, H, W) ``Volume`` into (C, D, H, W))."""
         if isinstance(volume, Volume):
             array, spacing = volume.array, volume.spacing
         elif isinstance(volume, np.ndarray):
@@ -122,21 +126,23 @@ class Preprocess:
                 f"expected a med3d_hub.data.io.Volume or a numpy array, got {type(volume).__name__}; "
                 "read files with med3d_hub.data.io.read_volume."
             )
-        if array.ndim != 3 or 0 in array.shape:
+        if not (array.ndim == 3 or (array.ndim == 4 and isinstance(volume, Volume))) or 0 in array.shape:
             raise UsageError(f"expected a non-empty 3-D (D, H, W) volume, got shape {array.shape}.")
         # The one copy: float32, C order, owned by us, so later steps may work in place.
         x = torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
+        x = x[None] if x.ndim == 3 else x  # (C, D, H, W) from here on
 
         if self.spacing is not None:
             # Keep the physical extent: n voxels of s mm become n * s / t voxels of t mm (half up).
-            shape = [max(1, int(n * s / t + 0.5)) for n, s, t in zip(x.shape, spacing, self.spacing)]
+            shape = [max(1, int(n * s / t + 0.5)) for n, s, t in zip(x.shape[1:], spacing, self.spacing)]
             x = _interpolate(x, shape)
         if self.crop_foreground:
             x = _crop_nonzero(x)
-        x = _normalise(x, self.intensity)
+        # each channel with its own statistics (one channel: no stacking copy)
+        x = _normalise(x[0], self.intensity)[None] if len(x) == 1 else torch.stack([_normalise(c, self.intensity) for c in x])
         if self.size is not None:
             x = _interpolate(x, self.size) if self.size_mode == "resize" else _crop_pad(x, self.size)
-        return x.contiguous().unsqueeze(0)
+        return x.contiguous()
 
 
 def transforms_for(model_or_cfg: Any = None, **overrides: Any) -> Preprocess:
@@ -230,17 +236,18 @@ def _check_intensity(spec: Any) -> dict:
 
 
 def _interpolate(x: torch.Tensor, shape) -> torch.Tensor:
-    if tuple(x.shape) == tuple(shape):
+    """(C, D, H, W) -> (C, *shape), trilinear."""
+    if tuple(x.shape[1:]) == tuple(shape):
         return x
-    return F.interpolate(x[None, None], size=tuple(shape), mode="trilinear", align_corners=False)[0, 0]
+    return F.interpolate(x[None], size=tuple(shape), mode="trilinear", align_corners=False)[0]
 
 
 def _crop_nonzero(x: torch.Tensor) -> torch.Tensor:
-    """Crop to the bounding box of non-zero voxels; an all-zero volume is left whole."""
-    mask = x != 0
+    """Crop (C, D, H, W) to the bounding box of voxels non-zero in any channel; an all-zero volume is left whole."""
+    mask = (x != 0).any(dim=0)
     if not mask.any():
         return x
-    box = []
+    box = [slice(None)]
     for axis in range(3):
         others = tuple(a for a in range(3) if a != axis)
         hits = torch.nonzero(mask.any(dim=others)).flatten()
@@ -249,9 +256,9 @@ def _crop_nonzero(x: torch.Tensor) -> torch.Tensor:
 
 
 def _crop_pad(x: torch.Tensor, size) -> torch.Tensor:
-    """Centre-crop axes longer than ``size`` and zero-pad shorter ones (extra voxel at the end)."""
-    crop, pad = [], []
-    for n, target in zip(x.shape, size):
+    """Centre-crop axes of (C, D, H, W) longer than ``size`` and zero-pad shorter ones (extra voxel at the end)."""
+    crop, pad = [slice(None)], []
+    for n, target in zip(x.shape[1:], size):
         start = max(0, (n - target) // 2)
         crop.append(slice(start, start + min(n, target)))
         before = max(0, (target - n) // 2)

@@ -22,6 +22,7 @@ import numpy as np
 from torch import nn
 
 from .. import __version__
+from ..data.io import SCAN_SUFFIXES
 from ..data.preprocess import Preprocess
 from ..errors import UsageError
 from ..weights.pretrained_cfg import has_weights
@@ -46,7 +47,6 @@ __all__ = [
 MUST_MATCH = ("model", "weights", "weights_sha256", "parameters_sha256", "layer", "pooling", "preprocess",
               "input_size", "precision", "feature_dim")
 FEATURE_FILES = (".npz", ".npy")
-SCAN_SUFFIXES = (".nii", ".nii.gz", ".npy")
 
 
 class ProvenanceMismatch(UsageError):

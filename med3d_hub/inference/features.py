@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.io import Volume, read_volume
+from ..data.inputs import InputItem, read_input
+from ..data.io import Volume
 from ..data.preprocess import Preprocess, transforms_for
 from ..errors import Med3DError, UsageError
 from .feature_files import OUTPUT_FORMATS, Features, SavedFeatures, check_output, load_features, save_features
@@ -67,7 +68,7 @@ MAPS = ("pooled", "layer4", "stages")
 STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
 NAN_POLICIES = ("error", "zero")  # what to do with NaN or infinite voxels in an input
 
-Input = Union[str, os.PathLike, Volume, np.ndarray]
+Input = Union[str, os.PathLike, InputItem, Volume, np.ndarray]
 
 
 class FeatureExtractionError(Med3DError, RuntimeError):
@@ -110,12 +111,6 @@ def _check_model(model: nn.Module, maps: str) -> None:
             f"{type(model).__name__} lacks {', '.join(missing)}; pass a model from med3d_hub.create_model "
             "(not one wrapped by torch.compile or DataParallel)."
         )
-    in_chans = getattr(model, "in_chans", 1)
-    if in_chans != 1:
-        raise UsageError(
-            f"the model takes {in_chans} input channels, but volumes are read as one channel; "
-            "feed multi-channel inputs to the model yourself."
-        )
 
 
 def _prepare(model: nn.Module, device: torch.device, fast: bool) -> nn.Module:
@@ -153,6 +148,8 @@ def _forward(net: nn.Module, x: torch.Tensor, maps: str, amp_dtype: torch.dtype 
 
 
 def _input_name(item: Any, index: int) -> str:
+    if isinstance(item, InputItem):
+        return item.name
     if isinstance(item, Volume):
         return item.source
     if isinstance(item, (str, os.PathLike)):
@@ -196,24 +193,36 @@ def _finite_first(transform: Callable, nan_policy: str) -> Callable:
     return checked
 
 
-def _load(item: Any, name: str, transform: Callable) -> tuple[torch.Tensor | None, str | None]:
+def _load(item: Any, name: str, transform: Callable, in_chans: int = 1) -> tuple[torch.Tensor | None, str | None]:
     """Read and preprocess one input; an error becomes a message that names the input."""
     try:
         if isinstance(item, torch.Tensor):
             item = item.detach().cpu().numpy()
-        source = item if isinstance(item, (Volume, np.ndarray)) else read_volume(item)
+        source = item if isinstance(item, (Volume, np.ndarray)) else read_input(item)
         x = transform(source)
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[0] != 1:
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
             raise UsageError(
                 f"the preprocessing returned {getattr(x, 'shape', type(x).__name__)}, "
-                "expected a (1, D, H, W) tensor"
+                f"expected a ({in_chans}, D, H, W) tensor"
             )
+        check_channels(x.shape[0], in_chans)
         return x.float(), None
     except (OSError, ValueError) as err:  # FileNotFoundError, VolumeReadError, bad preprocessing
         message = str(err)
     except Exception as err:  # anything else a damaged file can raise deep in a reader
         message = f"{type(err).__name__}: {err}"
     return None, message if name in message else f"{name}: {message}"
+
+
+def check_channels(channels: int, in_chans: int) -> None:
+    """An input of as many channels as the model takes, or an error saying how to give them."""
+    if channels != in_chans:
+        raise UsageError(
+            f"{channels} channel(s), but the model takes {in_chans}: give one file per channel (--channels "
+            "FILE,FILE,..., or a CSV with a column per channel) or a 4-D image with --channel all"
+            if in_chans > 1 else
+            f"{channels} channels, but the model takes one: pick one with --channel N (channel=N)"
+        )
 
 
 def scan_progress_bar(total: int, enabled: bool, desc: str = "features"):
@@ -293,7 +302,7 @@ def _run(model, items, names, transform, maps, batch_size, device, amp_dtype, fa
             i = next(upcoming, None)
             if i is None:
                 return
-            queue.append((i, pool.submit(_load, items[i], names[i], transform)))
+            queue.append((i, pool.submit(_load, items[i], names[i], transform, getattr(model, "in_chans", 1))))
 
     def flush() -> Iterator[FeatureResult]:
         if not pending:
@@ -352,8 +361,10 @@ def extract_features(
 
     Args:
         model: a model from ``create_model`` (any head; its backbone is used).
-        inputs: paths (NIfTI, DICOM series folders, ``.npy``), ``Volume`` objects or (D, H, W)
-            arrays (taken at 1 mm); a single one is accepted too.
+        inputs: paths (NIfTI, NRRD, MetaImage, DICOM series folders, ``.npy``), ``InputItem``s
+            (``med3d_hub.data.inputs.expand_inputs``: each series of a DICOM folder, one channel of a
+            4-D image, one file per channel), ``Volume`` objects or (D, H, W) arrays (taken at 1 mm);
+            a single one is accepted too. A model with ``in_chans`` > 1 takes inputs of that many channels.
         preprocess: None for the weights' own preprocessing (``transforms_for(model)``), or a
             ``Preprocess``, a preprocessing dict, or any callable returning a (1, D, H, W) tensor.
         maps: "pooled" -> (N, C) embeddings; "layer4" -> (N, C, d, h, w) maps (needs equal
@@ -415,7 +426,7 @@ def _check_maps(maps: str) -> str:
 
 
 def _as_list(inputs: Any) -> list:
-    if isinstance(inputs, (str, os.PathLike, Volume, torch.Tensor)):
+    if isinstance(inputs, (str, os.PathLike, InputItem, Volume, torch.Tensor)):
         return [inputs]
     if isinstance(inputs, np.ndarray):
         if inputs.ndim == 3:

@@ -50,8 +50,8 @@ def grid_of(pre: Preprocess, volume: Volume, network_shape) -> Grid:
         resampled = tuple(max(1, int(n * s / t + 0.5)) for n, s, t in zip(canonical, volume.spacing, pre.spacing))
     box = None
     if pre.crop_foreground:
-        values = Preprocess(spacing=pre.spacing, intensity={"method": "none"})(volume)[0]
-        mask = values != 0
+        values = Preprocess(spacing=pre.spacing, intensity={"method": "none"})(volume)
+        mask = (values != 0).any(dim=0)  # non-zero in any channel, as Preprocess crops
         if mask.any():
             box = []
             for axis in range(3):

@@ -23,7 +23,6 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
@@ -31,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.io import Volume, read_volume
+from ..data.inputs import InputItem, as_item, read_input
+from ..data.io import Volume
 from ..data.preprocess import Preprocess
 from ..errors import Med3DError, UsageError
 from . import geometry
-from .features import _as_list, _input_name, scan_progress_bar
+from .features import _as_list, _input_name, check_channels, scan_progress_bar
 from .prediction_files import check_table_output, mask_path, write_mask, write_table
 from .predictor import DEFAULT_WINDOW, Predictor, Source, load_predictor
 from .runtime import check_amp, resolve_device
@@ -46,7 +46,7 @@ __all__ = [  # the predictor and the files are their modules'; here too, for one
     "load_predictor", "mask_path", "predict", "write_mask", "write_table",
 ]
 
-Input = Union[str, os.PathLike, Volume, np.ndarray]
+Input = Union[str, os.PathLike, InputItem, Volume, np.ndarray]
 
 
 class PredictionError(Med3DError, RuntimeError):
@@ -66,7 +66,8 @@ class PredictionError(Med3DError, RuntimeError):
 class Prediction:
     """The outcome for one input. A segmentation's ``mask`` (uint8) and ``probabilities`` ((K, ...)
     float16, on request) lie on the input's own voxel grid, which ``affine`` maps to RAS+ mm: a
-    NIfTI file's own axes and affine, a DICOM series' axes in RAS+ order, an array's (D, H, W). A
+    NIfTI file's own axes and affine, a DICOM series' or an NRRD/MetaImage file's axes in RAS+ order,
+    an array's (D, H, W). A
     classification has ``probabilities`` (K,) and the arg-max ``label``."""
 
     index: int
@@ -78,7 +79,7 @@ class Prediction:
     label: int | None = None
     affine: np.ndarray | None = None
     header: Any = field(default=None, repr=False)  # the input NIfTI's header, kept for the mask file
-    kind: str = "array"  # "nifti", "dicom" or "array": how the input was stored
+    kind: str = "array"  # "nifti", "dicom", "image" (NRRD, MetaImage) or "array": how the input was stored
     error: str | None = None
 
     @property
@@ -100,7 +101,7 @@ class _Loaded:
     error: str | None = None
 
 
-def _load(item: Any, index: int, pre: Preprocess) -> _Loaded:
+def _load(item: Any, index: int, pre: Preprocess, in_chans: int = 1) -> _Loaded:
     name = _input_name(item, index)
     try:
         if isinstance(item, torch.Tensor):
@@ -109,12 +110,11 @@ def _load(item: Any, index: int, pre: Preprocess) -> _Loaded:
             if item.ndim != 3:
                 raise UsageError(f"an array input must be one (D, H, W) volume, got shape {item.shape}")
             item = Volume(item, (1.0, 1.0, 1.0), np.diag([1.0, 1.0, 1.0, 1.0]), name)
-        volume = item if isinstance(item, Volume) else read_volume(item)
-        kind = "array"
-        if not isinstance(item, Volume):
-            path = Path(item)
-            kind = "dicom" if path.is_dir() else "nifti" if path.name.lower().endswith((".nii", ".nii.gz")) else "array"
-        return _Loaded(index, name, pre(volume).float(), volume, kind)
+        volume = item if isinstance(item, Volume) else read_input(item)
+        kind = "array" if isinstance(item, Volume) else as_item(item).kind
+        x = pre(volume).float()
+        check_channels(x.shape[0], in_chans)
+        return _Loaded(index, name, x, volume, kind)
     except (OSError, ValueError) as err:
         message = str(err)
     except Exception as err:  # anything else a damaged file can raise deep in a reader
@@ -130,7 +130,7 @@ def _file_grid(loaded: _Loaded) -> tuple[np.ndarray, tuple, Any]:
 
         image = nib.load(volume.source)
         return image.affine.astype(np.float64), tuple(image.shape[:3]), image.header
-    if loaded.kind == "dicom":  # RAS+ order of the series' voxels: a NIfTI with the series' geometry
+    if loaded.kind in ("dicom", "image"):  # RAS+ order of the scan's voxels: a NIfTI with the scan's geometry
         return volume.affine @ geometry.DHW_TO_IJK, tuple(reversed(volume.shape)), None
     return volume.affine, tuple(volume.shape), None
 
@@ -199,7 +199,7 @@ def iter_predictions(
     bar = scan_progress_bar(len(items), progress, "predict")
     chunk = batch_size if predictor.task == "cls" else 1
     try:
-        for group in _chunks(_read_ahead(items, predictor.preprocess, chunk + 1), chunk):
+        for group in _chunks(_read_ahead(items, predictor.preprocess, chunk + 1, _in_chans(predictor.net)), chunk):
             results = {}
             ready = [item for item in group if item.error is None]
             try:
@@ -224,13 +224,18 @@ def _failed(predictor: Predictor, item: _Loaded, message: str) -> Prediction:
     return Prediction(item.index, item.name, predictor.task, predictor.class_names, error=message)
 
 
-def _read_ahead(items: list, pre: Preprocess, ahead: int) -> Iterator[_Loaded]:
+def _in_chans(net: nn.Module) -> int:
+    """The input channels of a zoo model or of a fine-tuning network's encoder."""
+    return int(getattr(net, "in_chans", None) or getattr(getattr(net, "encoder", None), "in_chans", 1))
+
+
+def _read_ahead(items: list, pre: Preprocess, ahead: int, in_chans: int = 1) -> Iterator[_Loaded]:
     """The inputs read and preprocessed in a thread, ``ahead`` scans before the network needs them."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="med3d-predict")
     pending: deque = deque()
     try:
         for index, item in enumerate(items):
-            pending.append(pool.submit(_load, item, index, pre))
+            pending.append(pool.submit(_load, item, index, pre, in_chans))
             if len(pending) > ahead:
                 yield pending.popleft().result()
         while pending:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..data.inputs import output_stem
 from ..errors import MissingFileError, UsageError
 from ..files import atomic_write
 
@@ -28,12 +29,9 @@ TABLE_FORMATS = (".csv", ".parquet")
 
 
 def mask_path(name: str, folder: str | os.PathLike, kind: str) -> Path:
-    """``masks/ct_001.nii.gz`` for ``ct/ct_001.nii.gz`` or a DICOM folder ``ct_001/``; ``.npy`` for arrays."""
-    stem = Path(name.rstrip("/\\")).name
-    for ext in (".nii.gz", ".nii", ".npy"):
-        if stem.lower().endswith(ext):
-            stem = stem[: -len(ext)]
-            break
+    """``masks/ct_001.nii.gz`` for ``ct/ct_001.nii.gz`` (or ``.nrrd``, ``.mha``) or a DICOM folder ``ct_001/``,
+    ``masks/ct_1.2.3.nii.gz`` for series ``1.2.3`` of a folder ``ct/`` of several; ``.npy`` for arrays."""
+    stem = output_stem(name)
     if not stem or stem in (".", ".."):
         raise UsageError(f"cannot name a mask after the input {name!r}")
     return Path(folder) / (stem + (".npy" if kind == "array" else ".nii.gz"))

@@ -213,7 +213,8 @@ def _from_file(path: Path, model: str | None) -> Predictor:
 
 
 def _file_head(path: Path) -> dict | None:
-    """The head a weights file holds: ``{"num_classes": K}``, ``{"seg_classes": K}`` or None."""
+    """The head a weights file holds: ``{"num_classes": K}``, ``{"seg_classes": K}`` (with ``in_chans`` when
+    its first conv takes several channels) or None."""
     if path.name.endswith(".safetensors"):
         from safetensors import safe_open
 
@@ -223,10 +224,12 @@ def _file_head(path: Path) -> dict | None:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else {}
         shapes = {k.removeprefix("module."): list(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+    conv1 = shapes.get("conv1.weight")
+    channels = {"in_chans": int(conv1[1])} if conv1 is not None and len(conv1) > 1 and int(conv1[1]) > 1 else {}
     if "fc.weight" in shapes:
-        return {"num_classes": int(shapes["fc.weight"][0])}
+        return {"num_classes": int(shapes["fc.weight"][0]), **channels}
     seg = sorted(k for k in shapes if k.startswith("conv_seg.") and k.endswith(".weight"))
-    return {"seg_classes": int(shapes[seg[-1]][0])} if seg else None
+    return {"seg_classes": int(shapes[seg[-1]][0]), **channels} if seg else None
 
 
 def _from_name(name: str) -> Predictor:
