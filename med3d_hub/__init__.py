@@ -30,7 +30,9 @@ __all__ = [
 # Loaded on first use, so that `import med3d_hub` stays light.
 _LAZY = {"extract_features": ".inference.features", "optimize_for_inference": ".inference.optimize",
          "predict": ".inference.predict"}
-_SUBMODULES = {"models"}  # the public namespace of the model classes: med3d_hub.models.Med3DResNet
+# Public namespaces: the model classes (med3d_hub.models.Med3DResNet) and the feature-set metrics
+# (`from med3d_hub import metrics`: FID, KID, MMD), which live in the inference layer.
+_SUBMODULES = {"models": ".models", "metrics": ".inference.metrics"}
 
 
 def __getattr__(name: str):
@@ -43,7 +45,7 @@ def __getattr__(name: str):
     if name in _SUBMODULES:
         import importlib
 
-        return importlib.import_module(f".{name}", __name__)
+        return importlib.import_module(_SUBMODULES[name], __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -18,6 +18,10 @@ What it serves, and the Hub behaviour each part copies:
   which the client turns into its own error classes. Never 5xx: the client retries those with
   backoff for tens of seconds, which would make a failing test slow instead of red.
 
+``refuse_lfs = (where, status, message)`` makes the server refuse LFS uploads as the Hub does (a
+quota, a size limit): with a per-object error in the batch answer (``"batch"``) or at the storage
+PUT (``"put"``).
+
 A file is LFS when its name ends in a weights suffix or it is larger than 10 KB. Repo visibility is
 a flag reported in metadata, not access control; ``require_token`` is the access control.
 """
@@ -146,6 +150,9 @@ class HubServer:
 
     def __init__(self, *, require_token: str | None = None):
         self.require_token = require_token
+        # Set to (status, message) to refuse LFS uploads as the Hub does (e.g. a quota or a size limit):
+        # at the batch endpoint, with a per-object error ("batch"), or at the storage PUT ("put").
+        self.refuse_lfs: tuple[str, int, str] | None = None
         self.endpoint = ""
         self.requests: list[tuple[str, str]] = []  # (method, URL path without query), in arrival order
         self._repos: dict[str, _Repo] = {}
@@ -394,7 +401,9 @@ class HubServer:
             objects = []
             for obj in payload["objects"]:
                 answer = {"oid": obj["oid"], "size": obj["size"]}
-                if obj["oid"] not in self._lfs:  # no actions: "already stored, skip the upload"
+                if self.refuse_lfs and self.refuse_lfs[0] == "batch":
+                    answer["error"] = {"code": self.refuse_lfs[1], "message": self.refuse_lfs[2]}
+                elif obj["oid"] not in self._lfs:  # no actions: "already stored, skip the upload"
                     self._pending_uploads[obj["oid"]] = obj["size"]
                     href = f"{self.endpoint}{_LFS_UPLOAD_PREFIX}{obj['oid']}"
                     answer.update(authenticated=True, actions={"upload": {"href": href}})
@@ -402,6 +411,8 @@ class HubServer:
         return _json({"transfer": "basic", "objects": objects}, content_type="application/vnd.git-lfs+json")
 
     def _lfs_put(self, oid: str, body: bytes) -> _Reply:
+        if self.refuse_lfs and self.refuse_lfs[0] == "put":
+            raise HubError(self.refuse_lfs[1], None, self.refuse_lfs[2])
         with self._lock:
             size = self._pending_uploads.get(oid)
             if size is None:

@@ -17,7 +17,7 @@ from scan_files import mni_template, write_dicom_series, write_nifti  # noqa: E4
 
 from med3d_hub.cli import app as cli  # noqa: E402
 from med3d_hub.cli.loading import model_preprocess  # noqa: E402
-from med3d_hub.inference.feature_scores import features_of_scans, parameters_sha256  # noqa: E402
+from med3d_hub.inference.feature_scores import features_of_scans, fingerprint, parameters_sha256  # noqa: E402
 from med3d_hub.inference import metrics  # noqa: E402
 from med3d_hub.inference.features import load_features, save_features  # noqa: E402
 from med3d_hub.weights.factory import create_model  # noqa: E402
@@ -70,6 +70,12 @@ def test_fid_from_scans_is_reproducible_and_records_its_provenance(scans, capsys
     assert prov["input_size"] == [24, 24, 24] and prov["preprocess"]["size"] == [24, 24, 24]
     assert prov["layer"] == "layer4" and prov["feature_dim"] == 512 and prov["precision"] == "fp32"
     assert report["command"].startswith("med3d fid ") and "--seed 0" in report["command"]
+    # one hash of what changes the number, with N per set; the sets' own, without it
+    assert prov["convention"] == "med3d" and report["fid_estimator"] == prov["estimator"] == "eigen"
+    assert report["fingerprint"] == fingerprint(prov, volumes=(4, 4)) != fingerprint(prov)
+    assert {s["fingerprint"] for s in report["sets"]} == {fingerprint(prov)}
+    changed = dict(prov, input_size=[32, 32, 32])
+    assert fingerprint(changed, volumes=(4, 4)) != report["fingerprint"]
 
     again = tmp_path / "again.json"
     assert run(capsys, "fid", *args[:-1], str(again))[0] == 0

@@ -90,6 +90,26 @@ def test_from_scratch_is_offered_as_a_baseline_to_finetune():
     assert "the features mean nothing" in cli.unreachable_message(err, "features")
 
 
+@pytest.mark.parametrize("argv", [
+    ["finetune", "seg", "--data", "Task03_Liver", "--model", "resnet50", "--pretrained", "3dseg8", "--output", "runs/liver"],
+    ["train", "--config", "configs/3dseg8.yaml", "--data-root", "/data/msd", "--output", "runs/3dseg8-r50"],
+    ["compare", "runs/liver", "runs/liver-scratch"],
+])
+def test_training_commands_without_the_train_extra_say_what_to_install(argv, tmp_path, monkeypatch, capsys):
+    """With the `io` extra only (README, "Smaller installs") MONAI is missing: a usage error naming the extra."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "monai", None)  # how Python marks a module as not importable
+    assert not training.train_available()
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.strip().splitlines()[-1] == (
+        f"med3d: error: `med3d {argv[0]}` needs the train extra, and monai is not installed: "
+        "pip install 'med3d-hub[train]' (from a clone: pip install -e \".[io,train]\")"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
 def test_train_errors_name_the_folder_problem_with_the_prefix(tmp_path, capsys):
     needs(training.train_available(), "the training extra", "pip install 'med3d-hub[train]'")
     empty = tmp_path / "emptydir"

@@ -25,6 +25,15 @@ def sets():
     return correlated(400, 48, seed=1), correlated(350, 48, seed=2, shift=0.3, scale=1.2)
 
 
+def test_metrics_import_as_documented():
+    """`from med3d_hub import metrics` (docs/metrics.md, the module's docstring) is the inference module."""
+    from med3d_hub import metrics as documented
+
+    assert documented is metrics and "from med3d_hub import metrics" in metrics.__doc__
+    a, b = correlated(60, 4, seed=3), correlated(60, 4, seed=4, shift=1.0)
+    assert documented.fid(a, b) == metrics.fid(a, b) > 1.0
+
+
 def scipy_fid(a: np.ndarray, b: np.ndarray) -> float:
     """The textbook formula: scipy's sqrtm of the covariance product."""
     scipy_linalg = pytest.importorskip("scipy.linalg")

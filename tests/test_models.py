@@ -271,6 +271,8 @@ def test_segmentation_head():
         y = F.conv3d(y, sd["conv_seg.6.weight"])
     assert logits.shape == (1, 3, 8, 10, 12)  # 1/4 of the input
     assert rel_err(logits, y) < 1e-5
+    classifier = model.get_submodule(model.pretrained_cfg["classifier"])  # the name timm's tools look it up by
+    assert classifier is model.conv_seg[-1] and classifier.out_channels == 3
     up = med3d_hub.create_model("resnet10", seg_classes=3, seg_upsample=True).eval()
     with torch.no_grad():
         assert up(x).shape == (1, 3, 32, 40, 48)

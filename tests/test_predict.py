@@ -249,10 +249,18 @@ def test_bad_inputs_are_reported_and_skipped_the_others_written(seg_run, tmp_pat
 
     assert med3d(["predict", str(seg_run["run"]), str(broken), "-o", str(out), "--device", "cpu", "-q"]) == 1
     assert med3d(["predict", str(tmp_path / "nowhere"), str(seg_run["image"]), "-o", str(out), "-q"]) == 2
-    assert med3d(["predict", str(seg_run["run"]), str(seg_run["image"]), "-o", str(tmp_path / "absent"), "-q"]) == 2
+    assert med3d(["predict", str(seg_run["run"]), str(seg_run["image"]), "-o", str(broken), "-q"]) == 2  # a file
     assert med3d(["predict", str(seg_run["run"]), str(seg_run["image"]), "--device", "cuda:7", "-o", str(out), "-q"]) == 2
     twice = [str(seg_run["image"]), str(seg_run["image"])]
     assert med3d(["predict", str(seg_run["run"]), *twice, "-o", str(out), "-q"]) == 2  # two inputs, one mask name
+
+
+def test_a_missing_output_folder_is_created_as_other_writers_do(seg_run, tmp_path, capsys):
+    out = tmp_path / "results" / "masks"  # neither folder exists
+    status = med3d(["predict", str(seg_run["run"]), str(seg_run["image"]), "-o", f"{out}/", "--device", "cpu", "-q"])
+    assert status == 0, capsys.readouterr().err
+    mask = nib.load(out / "scan.nii.gz")
+    assert mask.shape == nib.load(seg_run["image"]).shape and (out / "scan.json").is_file()
 
 
 def _cls_run(root: Path, steps: int) -> tuple[Path, list[tuple[Path, int]]]:

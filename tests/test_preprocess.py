@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from med3d_hub.data.io import Volume, read_volume
+from med3d_hub.errors import UsageError
 from med3d_hub.data.preprocess import PAPER_PREPROCESS, Preprocess, transforms_for
 
 NONE = {"method": "none"}
@@ -111,6 +112,18 @@ def test_resample_to_spacing(brain, spacing, shape):
     out = Preprocess(spacing=spacing, intensity=NONE)(brain)
     assert out.shape == (1, *shape)
     assert float(out.mean()) == pytest.approx(float(brain.array.mean()), rel=0.02)
+
+
+def test_a_resampling_too_large_for_memory_is_refused_before_allocating():
+    """40 mm voxels to 1 mm: the error says what would be allocated, not the allocator's own words."""
+    coarse = Volume(np.ones((30, 60, 60), np.float32), (40.0, 40.0, 40.0), np.diag([40.0, 40.0, 40.0, 1.0]), "coarse.nii.gz")
+    with pytest.raises(UsageError) as caught:
+        Preprocess(spacing=(1.0, 1.0, 1.0), intensity=NONE)(coarse)
+    message = str(caught.value)
+    assert message.startswith("coarse.nii.gz: resampling its 30 x 60 x 60 voxels of 40 x 40 x 40 mm"), message
+    assert "1200 x 2400 x 2400 voxels, 25.7 GiB of float32" in message and "--spacing" in message
+    # A coarser target fits, and gives the shape the rule says.
+    assert Preprocess(spacing=(10.0, 10.0, 10.0), intensity=NONE)(coarse).shape == (1, 120, 240, 240)
 
 
 def test_ndarray_is_taken_at_1mm():
@@ -218,7 +231,7 @@ def test_defaults_are_the_paper_recipe():
         ({"size": [56, 448, 44.5]}, "size must be"),
         ({"spacing": [1, 0, 1]}, "spacing must be null or three positive numbers"),
         ({"size_mode": "pad"}, "unknown size_mode 'pad'; allowed: resize, crop_pad"),
-        ({"crop_foreground": "yes"}, "crop_foreground must be true or false"),
+        ({"crop_foreground": "yes"}, "crop_foreground must be true, false or"),
     ],
 )
 def test_validation_errors(recipe, message):

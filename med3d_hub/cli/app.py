@@ -1,7 +1,7 @@
 """The ``med3d`` command: its parser, the entry point, logging and the error report.
 
-Each command group is a module of its own (``zoo``, ``features``, ``demo``, ``predict``, ``publishing``,
-``training``) that adds its subparsers and calls the package's layers; the options they share are in
+Each command group is a module of its own (``zoo``, ``features``, ``demo``, ``preview``, ``predict``,
+``publishing``, ``training``) that adds its subparsers and calls the package's layers; the options they share are in
 ``options``. Thin by design: a command parses its options and calls the layers below. Exit codes:
 
     0   success
@@ -25,7 +25,7 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, exit_code
-from . import demo, features, predict, publishing, training, zoo
+from . import demo, features, predict, preview, publishing, training, zoo
 from .options import Formatter, common_options
 from .output import PROG, one_line
 
@@ -37,6 +37,7 @@ examples:
   {PROG} download resnet50.3dseg8              fill the cache ahead (for offline clusters)
   {PROG} features scans/*.nii.gz dicom_dir/ --model resnet50 --pretrained 3dseg8 -o feats.npy
   {PROG} fid real/ synthetic/ --model resnet50 --json scores.json   FID, KID, MMD with provenance
+  {PROG} preview scan.nii.gz --convention ha-gan -o preview.png   what the network receives
   {PROG} export runs/3dseg8 --output export/           files ready to upload (nothing is sent)
   {PROG} publish runs/3dseg8 --repo-id org/med3d-resnet10 --tag 3dseg8-v2 --manifest weights.json
 
@@ -59,10 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__} (med3d-hub)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     commands = [zoo.add_list_parser, zoo.add_info_parser, zoo.add_download_parser, features.add_features_parser,
-                features.add_fid_parser, zoo.add_cache_parser, demo.add_demo_parser, publishing.add_export_parser,
+                features.add_fid_parser, zoo.add_cache_parser, demo.add_demo_parser, preview.add_preview_parser, publishing.add_export_parser,
                 publishing.add_publish_parser, predict.add_predict_parser]
     if training.train_available():
         commands += [training.add_finetune_parser, publishing.add_compare_parser, training.add_train_parser]
+    else:
+        commands.append(training.add_unavailable_parsers)
     for add_parser in commands:  # the order of `med3d --help`
         add_parser(sub, common)
     return parser
@@ -113,8 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``med3d`` with ``argv`` (default: the command line); returns the exit code."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"] and training.train_available():  # everything after `train` belongs to the trainer
-        args = argparse.Namespace(command="train", func=training.cmd_train, train_args=argv[1:], quiet=False, debug=False)
+    if argv[:1] == ["train"]:  # everything after `train` belongs to the trainer
+        run = training.cmd_train if training.train_available() else training.cmd_unavailable
+        args = argparse.Namespace(command="train", func=run, train_args=argv[1:], quiet=False, debug=False)
     else:
         try:
             args = parser.parse_args(argv)

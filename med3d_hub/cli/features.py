@@ -11,10 +11,11 @@ from pathlib import Path
 
 from ..errors import EXIT_FAILED, EXIT_OK
 from ..weights.pretrained_cfg import has_weights
-from .loading import load_model, model_preprocess
+from .loading import apply_convention, command_preprocess, load_model
 from .options import (
-    UserError, add_channel_option, add_inputs, add_model_command, add_progress_option, add_reading_options, check_inputs_exist,
-    check_runtime, inputs_of, positive_int, preprocess_overrides, show_progress,
+    DEFAULT_MODEL, UserError, add_channel_option, add_convention_option, add_inputs, add_model_command,
+    add_progress_option, add_reading_options, check_inputs_exist, check_runtime, inputs_of, positive_int,
+    preprocess_overrides, show_progress,
 )
 from .output import PROG, failed_inputs_code, report_skipped, say, warn
 
@@ -25,6 +26,7 @@ examples:
   {PROG} features a.nii.gz b.nii.gz --maps -o maps.npy --size 56 224 224   layer4 maps
   {PROG} features --inputs-from list.txt --intensity hu_window:-200,250 -o feats.parquet
   {PROG} features scan.nii.gz --pretrained ~/weights/resnet_10.pth -o f.npy  a local MedicalNet file
+  {PROG} features real/*.nii.gz --convention ha-gan -o real.npz          as HA-GAN computes its FID
 
 inputs: NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage (.mha, .mhd) files, DICOM folders
 (each series, in sub-folders too, is a row: FOLDER#SeriesInstanceUID when there are several; --series UID
@@ -42,10 +44,13 @@ examples:
   {PROG} fid real/*.nii.gz synthetic/*.nii.gz --model resnet50         files of two folders
   {PROG} features real/*.nii.gz -o real.npz ; {PROG} fid real.npz synth.npz   saved features, no network
   {PROG} fid real.npz synthetic/ --bootstrap 1000 --seed 0            a confidence interval
+  {PROG} fid real/ synthetic/ --convention monai-generative            as a published convention computes it
+  {PROG} fid --list-conventions                                        the conventions and their sources
 
 Scores: FID (Frechet distance of the pooled layer4 features, float64), KID (unbiased polynomial-kernel
 MMD^2, mean and std over subsets), unbiased MMD^2 with RBF and linear kernels. Every scan of a set
-must be read: a failed scan is an error, not a smaller set.
+must be read: a failed scan is an error, not a smaller set. Every score carries a fingerprint: one
+hash of what changes the number (weights, preprocessing, input size, layer, pooling, estimator, N).
 """
 
 # -- med3d features ---------------------------------------------------------------------------------
@@ -68,6 +73,7 @@ def add_features_parser(sub, common: argparse.ArgumentParser) -> None:
     add_progress_option(p)
     p.add_argument("--nan-policy", choices=("error", "zero"), default="error",
                    help="an input with NaN or infinite voxels fails (error, the default) or has them set to 0 (zero)")
+    add_convention_option(p)
     p.set_defaults(func=cmd_features)
 
 
@@ -75,15 +81,16 @@ def cmd_features(args: argparse.Namespace) -> int:
     from ..inference.features import check_output, describe_preprocess, iter_features
     from ..weights.factory import resolve_pretrained
 
-    overrides = preprocess_overrides(args)
+    apply_convention(args, DEFAULT_MODEL)
+    preprocess_overrides(args)  # option errors first
     inputs = inputs_of(args)
     output = check_output(args.output, args.maps, [path for item in inputs for path in item.paths])
     resolve_pretrained(args.model, args.pretrained)  # option errors first, then the inputs, before any download
     check_runtime(args)
     check_inputs_exist(inputs)
     model, label = load_model(args, **_channels_of(inputs))
-    preprocess = model_preprocess(model, args.model, overrides)
-    say(args, f"{PROG} features: {len(inputs)} input(s), {args.model} with {label}",
+    preprocess = command_preprocess(model, args)
+    say(args, f"{PROG} features: {len(inputs)} input(s), {args.model} with {label}, convention {args.convention}",
         f"  preprocessing: {describe_preprocess(preprocess)}")
     start = time.perf_counter()
     results, failures = [], []
@@ -125,7 +132,8 @@ def _write_features(args: argparse.Namespace, output, results, model, preprocess
         from ..inference.feature_scores import feature_provenance
 
         provenance = feature_provenance(model, preprocess, volumes=len(results), feature_dim=features.shape[1],
-                                        input_shapes=[r.shape for r in results], amp=args.amp)
+                                        input_shapes=[r.shape for r in results], amp=args.amp,
+                                        convention=args.convention)
     save_features(output, features, [r.name for r in results], provenance=provenance)
     return {k: v.shape for k, v in features.items()} if isinstance(features, dict) else features.shape
 
@@ -140,7 +148,7 @@ def add_fid_parser(sub, common: argparse.ArgumentParser) -> None:
                                       "(weights, sha256, layer, pooling, preprocessing, input size). Saved feature "
                                       "files made differently are refused. See docs/metrics.md.",
                           epilog=FID_EPILOG)
-    p.add_argument("inputs", nargs="+", metavar="SET",
+    p.add_argument("inputs", nargs="*", metavar="SET",
                    help="two folders of scans, two .npz files from `med3d features`, one of each, or real/*.nii.gz fake/*.nii.gz")
     p.add_argument("--json", metavar="FILE", help="write the scores and their provenance as JSON ('-': stdout)")
     p.add_argument("--bootstrap", type=positive_int, metavar="N", default=0, help="a 95%% bootstrap interval of the FID from N resamples")
@@ -148,8 +156,11 @@ def add_fid_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--kid-subset-size", type=positive_int, default=1000, metavar="N",
                    help="volumes per KID subset, capped at the smaller set (default 1000)")
     p.add_argument("--bandwidth", type=float, metavar="S", help="RBF bandwidth of the MMD (default: the median pairwise distance)")
-    p.add_argument("--force", action="store_true", help="compare feature sets whose provenance differs")
+    p.add_argument("--force", action="store_true", help="compare feature sets whose fingerprints differ")
     add_channel_option(p)
+    add_convention_option(p)
+    p.add_argument("--list-conventions", action="store_true",
+                   help="list the published 3D FID conventions, what each computes and its source, and exit")
     add_reading_options(p, "volumes per forward (default 1)")
     p.set_defaults(func=cmd_fid)
 
@@ -160,6 +171,9 @@ def cmd_fid(args: argparse.Namespace) -> int:
 
     from ..inference.feature_scores import score_sets, summary_lines
 
+    if args.list_conventions:
+        return _list_conventions(args)
+    apply_convention(args, DEFAULT_MODEL)
     if args.json and args.json != "-" and not Path(args.json).expanduser().parent.is_dir():
         raise UserError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
     if args.bandwidth is not None and not args.bandwidth > 0:
@@ -176,6 +190,24 @@ def cmd_fid(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _list_conventions(args: argparse.Namespace) -> int:
+    """--list-conventions: the table, for people (or as JSON with --json -)."""
+    import dataclasses
+
+    from ..inference.conventions import list_conventions
+
+    conventions = list_conventions()
+    if args.json:
+        _write_report({"conventions": [dataclasses.asdict(c) for c in conventions]}, args.json)
+        return EXIT_OK
+    for c in conventions:
+        model = c.model_name() if c.model else "--model (default " + DEFAULT_MODEL + ")"
+        print(f"{c.name}: {c.title}\n  model    {model}; weights: {c.weights}\n"
+              f"  computes {c.computes}\n  estimator {c.estimator}; layer {c.layer}, pooling {c.pooling}\n"
+              f"  source   {c.source}" + (f"\n  choices  {c.choices}" if c.choices else "") + "\n")
+    return EXIT_OK
+
+
 def _feature_sets(args: argparse.Namespace) -> list:
     """Each set of the command line as features: read from a saved file, or extracted from its scans."""
     from ..data.inputs import expand_inputs
@@ -185,6 +217,10 @@ def _feature_sets(args: argparse.Namespace) -> list:
     for group in split_sets(args.inputs):
         if is_feature_file(group):
             sets.append(read_feature_file(group[0]))
+            made = (sets[-1].provenance or {}).get("convention", "med3d")
+            if args.convention != "med3d" and made != args.convention:
+                raise UserError(f"{group[0]} holds features of the {made} convention, not {args.convention}: "
+                                f"recompute them with --convention {args.convention}, or leave --convention out")
             continue
         if model is None:  # the model is loaded once, and only when a set is scans
             check_runtime(args)
@@ -192,13 +228,14 @@ def _feature_sets(args: argparse.Namespace) -> list:
 
             torch.manual_seed(args.seed)  # random weights (--pretrained none) are then the same on every run
             model, label = load_model(args)
-            preprocess = model_preprocess(model, args.model, preprocess_overrides(args))
-            say(args, f"{PROG} fid: features of {args.model} with {label}")
+            preprocess = command_preprocess(model, args)
+            say(args, f"{PROG} fid: features of {args.model} with {label}, convention {args.convention}")
         scans = expand_inputs(expand_scans(group), channel=args.channel)
         source = group[0] if len(group) == 1 else f"{len(group)} scans in {os.path.dirname(group[0]) or '.'}"
         say(args, f"  {source}: {len(scans)} scan(s)")
         sets.append(features_of_scans(
             model, scans, preprocess, source=source, seed=None if has_weights(model) else args.seed,
+            convention=args.convention,
             amp=args.amp, force_amp=args.force_amp, device=args.device, batch_size=args.batch_size, workers=args.workers,
             progress=(not args.quiet) and sys.stderr.isatty()))
     return sets

@@ -1,4 +1,5 @@
-"""The model a command runs: ``--model``/``--pretrained`` turned into a loaded backbone and its preprocessing."""
+"""The model a command runs: ``--model``/``--pretrained``/``--convention`` turned into a loaded backbone and its
+preprocessing."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 from typing import Any
 
 from ..weights.pretrained_cfg import has_weights
+from .options import preprocess_overrides
 from .output import warn
 
 
@@ -62,3 +64,62 @@ def weights_label(model, name: str, pretrained: bool | str) -> str:
     sha = cfg.get("sha256")
     extra = ", ".join(x for x in (str(where), f"sha256 {sha[:12]}" if sha else "") if x)
     return f"{label} ({extra})" if extra else str(label)
+
+
+def apply_convention(args: argparse.Namespace, default_model: str) -> None:
+    """``--convention``: its model and weights fill ``--model``/``--pretrained`` where the user left them out.
+
+    A ``--model`` of another architecture is refused; ``--pretrained`` (a local copy of the weights,
+    or ``none``) and the preprocessing overrides are kept, with a warning that the number is then not
+    the published convention's.
+    """
+    from ..inference.conventions import DEFAULT_CONVENTION, get_convention
+
+    conv = get_convention(getattr(args, "convention", None) or DEFAULT_CONVENTION)
+    if args.model is not None:
+        conv.check_model(args.model)
+    if conv.model is None:
+        args.model = args.model or default_model
+    else:
+        args.model = args.model or conv.model
+        if args.pretrained is None and "." not in args.model:
+            args.pretrained = conv.pretrained
+    changed = [o for o, v in (("--pretrained", args.pretrained not in (None, conv.pretrained)),
+                              ("preprocessing overrides", bool(preprocess_overrides(args)))) if v]
+    if conv.model is not None and changed:
+        warn(f"--convention {conv.name} with {' and '.join(changed)}: the fingerprint says what was computed; "
+             f"it is not the published {conv.name} number")
+    args.convention = conv.name
+
+
+def command_preprocess(model, args: argparse.Namespace):
+    """The preprocessing of a command: the convention's, or the weights' (``model_preprocess``), with the overrides."""
+    from ..inference.conventions import get_convention
+
+    conv = get_convention(args.convention)
+    overrides = preprocess_overrides(args)
+    if conv.preprocess is None:
+        return model_preprocess(model, args.model, overrides)
+    base = conv.preprocess_for(model)
+    return base.replace(**overrides) if overrides else base
+
+
+def preprocess_of(args: argparse.Namespace):
+    """The preprocessing a command would use, read from the table or the manifest where that says it.
+
+    Weights from a file or an ``hf://`` address carry their own recipe, so only those are loaded.
+    """
+    from ..inference.conventions import get_convention
+    from ..weights.factory import resolve_pretrained
+
+    name, pretrained = resolve_pretrained(args.model, args.pretrained)
+    if get_convention(args.convention).preprocess is None and isinstance(pretrained, str):
+        return command_preprocess(load_model(args)[0], args)
+    if get_convention(args.convention).preprocess is None and pretrained is True:
+        from ..data.preprocess import transforms_for
+        from ..networks.registry import split_name
+        from ..weights.manifest import find_entry
+
+        overrides = preprocess_overrides(args)
+        return transforms_for(find_entry(*split_name(name)).preprocess, **overrides)
+    return command_preprocess(None, args)

@@ -68,10 +68,11 @@ def preprocess_options() -> argparse.ArgumentParser:
                    help="resample to this voxel spacing in mm: one value (isotropic) or D H W; 'none' keeps the input's")
     g.add_argument("--size", nargs="+", metavar="N",
                    help="network input size: one value (cube) or D H W; 'none' keeps the preprocessed size")
-    g.add_argument("--size-mode", choices=("resize", "crop_pad"),
+    g.add_argument("--size-mode", choices=("resize", "crop_pad", "resize_skimage"),
                    help="reach --size by trilinear resizing or by centre crop / zero pad")
     g.add_argument("--intensity", metavar="SPEC",
-                   help="percentile_zscore[:LOW,HIGH] | nonzero_zscore | hu_window:MIN,MAX | none")
+                   help="percentile_zscore[:LOW,HIGH] | nonzero_zscore | hu_window:MIN,MAX | zscore | "
+                        "window_scale:MIN,MAX | none")
     g.add_argument("--crop-foreground", action=argparse.BooleanOptionalAction, default=None,
                    help="crop to the bounding box of non-zero voxels before normalising")
     return group
@@ -96,6 +97,17 @@ def add_command(sub, name: str, *parents: argparse.ArgumentParser, **texts: str)
 def add_model_command(sub, common: argparse.ArgumentParser, name: str, **texts: str) -> argparse.ArgumentParser:
     """A subcommand that runs a zoo model on scans: the model, preprocessing and runtime groups."""
     return add_command(sub, name, common, model_options(DEFAULT_MODEL), preprocess_options(), runtime_options(), **texts)
+
+
+def add_convention_option(p: argparse.ArgumentParser) -> None:
+    """--convention: a published way of computing 3D FID (weights, preprocessing, layer, pooling, estimator).
+
+    ``--model`` then defaults to the convention's (DEFAULT_MODEL for med3d's own).
+    """
+    p.add_argument("--convention", metavar="NAME",
+                   help="compute as a published 3D FID convention does: ha-gan, monai-generative, medmetric, ... "
+                        "(med3d fid --list-conventions); default med3d, the weights' own preprocessing")
+    p.set_defaults(model=None)
 
 
 def add_inputs(p: argparse.ArgumentParser) -> None:
@@ -229,7 +241,8 @@ def parse_intensity(spec: str) -> dict:
     """``hu_window:-200,250`` -> ``{"method": "hu_window", "min": -200.0, "max": 250.0}``."""
     method, _, params = spec.partition(":")
     method = method.strip().replace("-", "_")
-    names = {"percentile_zscore": ("lower", "upper"), "hu_window": ("min", "max")}.get(method, ())
+    names = {"percentile_zscore": ("lower", "upper"), "hu_window": ("min", "max"),
+             "window_scale": ("min", "max")}.get(method, ())
     if not params:
         return {"method": method}
     values = [v for v in params.replace(" ", "").split(",") if v]

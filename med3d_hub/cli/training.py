@@ -9,21 +9,52 @@ import argparse
 import sys
 
 from ..errors import EXIT_USAGE, Med3DError
-from .options import add_command
+from .options import UserError, add_command
 from .output import PROG
 
 FINETUNE_TASKS = (("seg", "segmentation of an MSD task folder: encoder + decoder, Dice + CE"),
                   ("cls", "classification of labelled volumes (CSV): encoder + GAP + FC, CE"))
 
 
-def train_available() -> bool:
+# What `med3d train`, `finetune` and `compare` cannot start without (the `train` extra): module -> package.
+TRAIN_REQUIRES = {"monai": "monai", "yaml": "pyyaml"}
+TRAIN_INSTALL = "pip install 'med3d-hub[train]' (from a clone: pip install -e \".[io,train]\")"
+
+
+def missing_train_packages() -> list[str]:
+    """The packages of the `train` extra that are not installed (found without importing them)."""
     import importlib.util
 
-    try:
-        spec = importlib.util.find_spec("med3d_hub.train")
-    except (ImportError, ValueError):
-        return False
-    return spec is not None
+    missing = []
+    for module, package in TRAIN_REQUIRES.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
+
+
+def train_available() -> bool:
+    """True when the `train` extra is installed, so that `med3d train`, `finetune` and `compare` can run."""
+    return not missing_train_packages()
+
+
+def add_unavailable_parsers(sub, common: argparse.ArgumentParser) -> None:
+    """`train`, `finetune` and `compare` without the `train` extra: each says what to install (exit 2)."""
+    for name in ("finetune", "compare", "train"):
+        p = sub.add_parser(name, parents=[common], add_help=False, help=f"(needs the train extra: {TRAIN_INSTALL})",
+                           description=f"Needs the train extra: {TRAIN_INSTALL}.")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=cmd_unavailable)
+
+
+def cmd_unavailable(args: argparse.Namespace) -> int:
+    raise UserError(
+        f"`{PROG} {args.command}` needs the train extra, and {', '.join(missing_train_packages())} "
+        f"is not installed: {TRAIN_INSTALL}"
+    )
 
 
 # -- med3d train ------------------------------------------------------------------------------------

@@ -9,9 +9,11 @@ preprocessing is stored beside the weights in the manifest as a small dict and r
 ``Preprocess`` applies the steps in a fixed order:
 
 1. ``spacing`` (mm along D, H, W, or null to keep the input's): trilinear resampling.
-2. ``crop_foreground``: crop to the bounding box of the non-zero voxels, as upstream MedicalNet's
-   demo does for skull-stripped MRI. CT backgrounds are about -1000 HU, not 0, so this is a no-op
-   there unless the volume was masked.
+2. ``crop_foreground``: ``true`` crops to the bounding box of the non-zero voxels, as upstream
+   MedicalNet's demo does for skull-stripped MRI. CT backgrounds are about -1000 HU, not 0, so this
+   is a no-op there unless the volume was masked. ``"blank_planes"`` instead drops every D-plane
+   whose voxels all lie at or below the window's ``min`` (``window_scale`` or ``hu_window``), as
+   HA-GAN's ``preprocess.py`` drops blank axial slices.
 3. ``intensity``, one of
    ``percentile_zscore`` (``lower``, ``upper``): clip to the volume's own percentiles, then
    z-score with the volume's mean and std: the paper's co-training (0.5 - 99.5);
@@ -20,10 +22,18 @@ preprocessing is stored beside the weights in the manifest as a small dict and r
    ``hu_window`` (``min``, ``max``): clip to a fixed CT window, then z-score like
    ``percentile_zscore``. The z-score, rather than mapping the window onto [0, 1], keeps the
    statistics the weights saw in co-training and only swaps per-volume bounds for fixed ones;
+   ``zscore``: z-score with the whole volume's mean and unbiased (N - 1) std, as ``torch.std``
+   (MONAI's ``medicalnet_intensity_normalisation``; medmetric's per-volume z-score);
+   ``window_scale`` (``min``, ``max``): clip to a fixed window and map it linearly onto [-1, 1]
+   (``np.interp``, HA-GAN);
    ``none``: values are passed through as float32.
    A constant volume has std 0; it is divided by 1 instead, so no NaN appears.
 4. ``size`` ([D, H, W] or null) with ``size_mode``: ``resize`` interpolates (trilinear) to exactly
-   that size; ``crop_pad`` centre-crops and zero-pads (0 is the mean after a z-score).
+   that size; ``crop_pad`` centre-crops and zero-pads (0 is the mean after a z-score);
+   ``resize_skimage`` is ``skimage.transform.resize(order=1, mode="constant", anti_aliasing=None)``
+   done with scipy.ndimage (a Gaussian of sigma ``(factor - 1) / 2`` along the axes that shrink,
+   then linear ``zoom`` on voxel centres; outside the volume the fill is -1 after ``window_scale``,
+   else 0), as HA-GAN resizes to 256^3. It needs scipy.
 
 The result is a float32 tensor of shape (1, D, H, W): the channel axis first, ready to batch. A
 volume of several channels on one grid ((C, D, H, W), e.g. MRI modalities) gives (C, D, H, W): the
@@ -61,9 +71,11 @@ _INTENSITY_PARAMS: dict[str, dict[str, float | None]] = {
     "percentile_zscore": {"lower": 0.5, "upper": 99.5},
     "nonzero_zscore": {},
     "hu_window": {"min": None, "max": None},
+    "zscore": {},
+    "window_scale": {"min": None, "max": None},
     "none": {},
 }
-_SIZE_MODES = ("resize", "crop_pad")
+_SIZE_MODES = ("resize", "crop_pad", "resize_skimage")
 
 
 def _paper_intensity() -> dict:
@@ -76,7 +88,7 @@ class Preprocess:
 
     spacing: tuple[float, float, float] | None = None
     intensity: dict = field(default_factory=_paper_intensity)
-    crop_foreground: bool = False
+    crop_foreground: bool | str = False
     size: tuple[int, int, int] | None = None
     size_mode: str = "resize"
 
@@ -86,8 +98,11 @@ class Preprocess:
         set_(self, "spacing", _triple(self.spacing, "spacing", float))
         set_(self, "size", _triple(self.size, "size", int))
         set_(self, "intensity", _check_intensity(self.intensity))
-        if not isinstance(self.crop_foreground, bool):
-            raise UsageError(f"crop_foreground must be true or false, got {self.crop_foreground!r}.")
+        if not (isinstance(self.crop_foreground, bool) or self.crop_foreground == "blank_planes"):
+            raise UsageError(f"crop_foreground must be true, false or 'blank_planes', got {self.crop_foreground!r}.")
+        if self.crop_foreground == "blank_planes" and "min" not in self.intensity:
+            raise UsageError("crop_foreground 'blank_planes' drops the planes at or below the window's min: "
+                             "it needs intensity window_scale or hu_window.")
         if self.size_mode not in _SIZE_MODES:
             raise UsageError(f"unknown size_mode {self.size_mode!r}; allowed: {', '.join(_SIZE_MODES)}.")
 
@@ -135,13 +150,22 @@ class Preprocess:
         if self.spacing is not None:
             # Keep the physical extent: n voxels of s mm become n * s / t voxels of t mm (half up).
             shape = [max(1, int(n * s / t + 0.5)) for n, s, t in zip(x.shape[1:], spacing, self.spacing)]
+            _check_resampled_size(len(x), shape, x.shape[1:], spacing, self.spacing, getattr(volume, "source", "the array"))
             x = _interpolate(x, shape)
-        if self.crop_foreground:
+        if self.crop_foreground == "blank_planes":
+            x = _drop_blank_planes(x, self.intensity["min"])
+        elif self.crop_foreground:
             x = _crop_nonzero(x)
         # each channel with its own statistics (one channel: no stacking copy)
         x = _normalise(x[0], self.intensity)[None] if len(x) == 1 else torch.stack([_normalise(c, self.intensity) for c in x])
         if self.size is not None:
-            x = _interpolate(x, self.size) if self.size_mode == "resize" else _crop_pad(x, self.size)
+            if self.size_mode == "resize":
+                x = _interpolate(x, self.size)
+            elif self.size_mode == "resize_skimage":
+                fill = -1.0 if self.intensity["method"] == "window_scale" else 0.0
+                x = torch.stack([_resize_skimage(c, self.size, fill) for c in x])
+            else:
+                x = _crop_pad(x, self.size)
         return x.contiguous()
 
 
@@ -225,7 +249,8 @@ def _check_intensity(spec: Any) -> dict:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
             raise UsageError(f"intensity {key!r} must be a finite number, got {value!r}.")
         out[key] = float(value)
-    low, high = {"percentile_zscore": ("lower", "upper"), "hu_window": ("min", "max")}.get(
+    low, high = {"percentile_zscore": ("lower", "upper"), "hu_window": ("min", "max"),
+                 "window_scale": ("min", "max")}.get(
         method, (None, None)
     )
     if low is not None and not out[low] < out[high]:
@@ -233,6 +258,30 @@ def _check_intensity(spec: Any) -> dict:
     if method == "percentile_zscore" and not (0 <= out["lower"] and out["upper"] <= 100):
         raise UsageError(f"percentiles must lie in [0, 100], got {out['lower']} and {out['upper']}.")
     return out
+
+
+# The largest volume the spacing step makes, all channels together: 1024^3 float32 voxels (4 GiB),
+# several times any CT at 0.5 mm. Above it the spacing is almost always wrong (a header in cm, a
+# --spacing meant for another scan).
+MAX_RESAMPLED_VOXELS = 1024**3
+
+
+def _check_resampled_size(channels: int, shape, before, spacing, target, source: str) -> None:
+    """Refuse, before allocating, a resampling whose result would not fit in memory; say what it would take."""
+    voxels = channels * int(np.prod(shape, dtype=np.float64))
+    if voxels <= MAX_RESAMPLED_VOXELS:
+        return
+    per_channel = f" x {channels} channels" if channels > 1 else ""
+    raise UsageError(
+        f"{source}: resampling its {_by(before)} voxels of {_by(spacing)} mm to a spacing of {_by(target)} mm would "
+        f"make {_by(shape)} voxels{per_channel}, {voxels * 4 / 2**30:,.1f} GiB of float32 (the limit is "
+        f"{MAX_RESAMPLED_VOXELS * 4 / 2**30:g} GiB); check the scan's voxel size, or give a coarser --spacing "
+        "(or --spacing none to keep the scan's own)"
+    )
+
+
+def _by(values) -> str:
+    return " x ".join(f"{v:g}" for v in values)
 
 
 def _interpolate(x: torch.Tensor, shape) -> torch.Tensor:
@@ -262,6 +311,31 @@ def _crop_nonzero(x: torch.Tensor) -> torch.Tensor:
     """Crop (C, D, H, W) to the bounding box of voxels non-zero in any channel; an all-zero volume is left whole."""
     box = nonzero_box(x)
     return x if box is None else x[(slice(None), *box)]
+
+
+def _drop_blank_planes(x: torch.Tensor, floor: float) -> torch.Tensor:
+    """Drop the D-planes of (C, D, H, W) whose voxels all lie at or below ``floor``; an all-blank volume is left whole."""
+    keep = (x > floor).any(dim=3).any(dim=2).any(dim=0)
+    return x[:, keep] if keep.any() else x
+
+
+def _resize_skimage(x: torch.Tensor, size, fill: float) -> torch.Tensor:
+    """skimage.transform.resize(order=1, mode="constant", cval=fill) of one (D, H, W) channel, with its
+    default anti-aliasing."""
+    if tuple(x.shape) == tuple(size):
+        return x
+    try:
+        import scipy.ndimage as ndi
+    except ImportError:
+        raise UsageError("size_mode 'resize_skimage' is done with scipy: pip install scipy") from None
+    array = x.numpy().astype(np.float64)
+    factors = np.divide(array.shape, size)
+    if (factors > 1).any():  # skimage smooths before shrinking along any axis
+        array = ndi.gaussian_filter(array, np.maximum(0.0, (factors - 1) / 2), mode="grid-constant", cval=fill)
+    # skimage's mode "constant" is scipy's "grid-constant": the fill also enters the edge voxels' interpolation
+    out = ndi.zoom(array, 1.0 / factors, order=1, mode="grid-constant", cval=fill, grid_mode=True)
+    low, high = min(float(x.min()), fill), max(float(x.max()), fill)
+    return torch.from_numpy(np.clip(out, low, high).astype(np.float32))
 
 
 def _crop_pad(x: torch.Tensor, size) -> torch.Tensor:
@@ -295,6 +369,12 @@ def _normalise(x: torch.Tensor, spec: dict) -> torch.Tensor:
     if method == "hu_window":
         x = x.clamp(spec["min"], spec["max"])
         return _zscore_(x, x)
+    if method == "zscore":
+        std, mean = torch.std_mean(x, correction=1) if x.numel() > 1 else (torch.tensor(0.0), x.mean())
+        return (x - mean).div_(std if std > 0 else 1.0)
+    if method == "window_scale":
+        low, high = spec["min"], spec["max"]
+        return x.clamp(low, high).sub_(low).mul_(2.0 / (high - low)).sub_(1.0)
     if method == "nonzero_zscore":
         zero = x == 0
         out = x.clone()

@@ -10,7 +10,8 @@ The scans come from packages, so the demo needs no download besides the weights:
 For each scan the demo reads it, preprocesses it with the model's transforms, extracts the layer4
 map and the pooled embedding, prints what it did, and saves a PNG: the three mid-planes of the
 preprocessed scan above the same planes with the layer4 activation (channel mean, upsampled)
-overlaid. The embeddings go to ``embeddings.npz`` beside the pictures.
+overlaid. The embeddings go to ``embeddings.npz`` beside the pictures. ``preview_scan`` (``med3d
+preview``) draws the same planes of the network input alone, with no model run.
 
 nilearn and matplotlib are imported only here (``pip install med3d-hub[demo]``).
 """
@@ -38,7 +39,8 @@ from ..errors import MissingFileError, UsageError
 from ..files import atomic_write
 from .features import FeatureExtractionError, describe_preprocess, iter_features, save_features
 
-__all__ = ["CRANIUM_INV3", "DEFAULT_SCANS", "DemoResult", "load_scan", "read_inv3", "run_demo", "save_picture"]
+__all__ = ["CRANIUM_INV3", "DEFAULT_SCANS", "DemoResult", "load_scan", "preview_scan", "read_inv3", "run_demo",
+           "save_picture"]
 
 CRANIUM_INV3 = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
 DEFAULT_SCANS = ("mni", "ct")
@@ -261,14 +263,28 @@ def _voxel_mm(volume: Volume, p: Preprocess, shape: Sequence[int]) -> tuple[floa
     """The physical size of a preprocessed voxel, for drawing the planes with the right aspect."""
     spacing = np.array(volume.spacing, dtype=float)
     extent = np.array(volume.shape, dtype=float) * spacing
-    if p.crop_foreground:
+    if p.crop_foreground is True:
         nonzero = np.nonzero(volume.array)
         if nonzero[0].size:
             extent = np.array([a.max() - a.min() + 1 for a in nonzero], dtype=float) * spacing
+    elif p.crop_foreground == "blank_planes":
+        kept = int((volume.array > p.intensity["min"]).reshape(len(volume.array), -1).any(axis=1).sum())
+        extent[0] = max(kept, 1) * spacing[0]
     step = np.array(p.spacing, dtype=float) if p.spacing else spacing
     if p.size is None or p.size_mode == "crop_pad":
         return tuple(step)
     return tuple(extent / np.array(shape, dtype=float))
+
+
+def preview_scan(path: str | os.PathLike, preprocess: Preprocess, output: str | os.PathLike, recipe: str = "") -> Path:
+    """The three mid-planes of exactly the tensor the network receives for ``path``, described in the title."""
+    volume = read_volume(path)
+    x = preprocess(volume)[0].numpy()  # (D, H, W)
+    voxel = _voxel_mm(volume, preprocess, x.shape)
+    title = (f"{path}\nnetwork input 1 x 1 x {_x(x.shape)}, voxel {_x(voxel, '{:.3g}')} mm, "
+             f"intensity {float(x.min()):.4g} .. {float(x.max()):.4g}\n"
+             f"{recipe + ': ' if recipe else ''}{describe_preprocess(preprocess)}")
+    return save_picture(output, x, None, voxel, title)
 
 
 # -- the picture ----------------------------------------------------------------------------------
@@ -277,11 +293,12 @@ def _voxel_mm(volume: Volume, p: Preprocess, shape: Sequence[int]) -> tuple[floa
 def save_picture(
     path: str | os.PathLike,
     volume: np.ndarray,
-    activation: np.ndarray,
+    activation: np.ndarray | None,
     voxel_mm: Sequence[float] = (1.0, 1.0, 1.0),
     title: str = "",
 ) -> Path:
-    """Three mid-planes of ``volume`` (D, H, W) above the same planes with ``activation`` overlaid.
+    """Three mid-planes of ``volume`` (D, H, W) above the same planes with ``activation`` overlaid
+    (the planes alone when ``activation`` is None).
 
     Orientation: axial seen from above with anterior up, coronal and sagittal with superior up;
     the patient's left is on the left of the image (neurological convention).
@@ -296,26 +313,32 @@ def save_picture(
     path = Path(path)
     d, h, w = (n // 2 for n in volume.shape)
     vd, vh, vw = voxel_mm
+    rows = 1 if activation is None else 2
+    shown = volume if activation is None else activation
     planes = [  # (name, plane of the volume, plane of the activation, aspect = row mm / column mm)
-        ("axial (mid D)", volume[d], activation[d], vh / vw),
-        ("coronal (mid H)", volume[:, h, :], activation[:, h, :], vd / vw),
-        ("sagittal (mid W)", volume[:, :, w], activation[:, :, w], vd / vh),
+        ("axial (mid D)", volume[d], shown[d], vh / vw),
+        ("coronal (mid H)", volume[:, h, :], shown[:, h, :], vd / vw),
+        ("sagittal (mid W)", volume[:, :, w], shown[:, :, w], vd / vh),
     ]
     low, high = np.percentile(volume, [1, 99.5])
-    act_low, act_high = float(activation.min()), float(activation.max())
-    fig, axes = plt.subplots(2, 3, figsize=(13, 8.5), dpi=100)
+    fig, axes = plt.subplots(rows, 3, figsize=(13, 4.9 * rows), dpi=100, squeeze=False)
     for column, (name, image, act, aspect) in enumerate(planes):
-        for row in range(2):
+        for row in range(rows):
             ax = axes[row, column]
             ax.imshow(image, cmap="gray", vmin=low, vmax=high, origin="lower", aspect=aspect, interpolation="bilinear")
             ax.set_xticks([])
             ax.set_yticks([])
         axes[0, column].set_title(f"scan, {name}", fontsize=10)
-        overlay = axes[1, column].imshow(act, cmap="inferno", alpha=0.5, vmin=act_low, vmax=act_high,
-                                         origin="lower", aspect=aspect, interpolation="bilinear")
-        axes[1, column].set_title(f"layer4 activation, {name}", fontsize=10)
-    fig.colorbar(overlay, ax=axes[1, :].tolist(), shrink=0.8, label="mean layer4 activation")
+        if activation is not None:
+            overlay = axes[1, column].imshow(act, cmap="inferno", alpha=0.5, vmin=float(activation.min()),
+                                             vmax=float(activation.max()), origin="lower", aspect=aspect,
+                                             interpolation="bilinear")
+            axes[1, column].set_title(f"layer4 activation, {name}", fontsize=10)
+    if activation is not None:
+        fig.colorbar(overlay, ax=axes[1, :].tolist(), shrink=0.8, label="mean layer4 activation")
     fig.suptitle(title, fontsize=11)
+    if activation is None:
+        fig.subplots_adjust(top=0.78)  # room for the three lines of the recipe
     fig.text(0.01, 0.01, "neurological view: patient's left on the left; anterior / superior up", fontsize=8)
     try:
         with atomic_write(path, fsync=True) as handle:

@@ -1,9 +1,12 @@
 """Score two sets of scans (or saved features) with FID, KID and MMD, and say how the score was made.
 
 A feature score is only comparable with another made the same way: same weights, layer, pooling,
-preprocessing and input size. So every feature set carries a *provenance* (``feature_provenance``),
-``med3d features`` writes it into its ``.npz``, two sets whose provenance differs are refused
-(``check_comparable``) unless forced, and the report (``score_sets``) states it beside the numbers.
+preprocessing, input size and FID estimator. So every feature set carries a *provenance*
+(``feature_provenance``) and its *fingerprint*, one short hash of the fields that change the
+features (``fingerprint``); ``med3d features`` writes both into its ``.npz``, two sets whose
+fingerprints differ are refused (``check_comparable``) unless forced, and the report
+(``score_sets``) carries the score's fingerprint (the sets' plus the volumes per set) beside the
+readable provenance. A published convention (``conventions.py``) is one set of these fields.
 
 The math lives in ``med3d_hub.inference.metrics``; reading and the network in ``med3d_hub.inference.features``.
 """
@@ -11,6 +14,7 @@ The math lives in ``med3d_hub.inference.metrics``; reading and the network in ``
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -24,6 +28,7 @@ from torch import nn
 from .. import __version__
 from ..data.io import SCAN_SUFFIXES
 from ..data.preprocess import Preprocess
+from .conventions import DEFAULT_CONVENTION, get_convention
 from ..errors import UsageError
 from ..weights.pretrained_cfg import has_weights
 from . import metrics
@@ -35,6 +40,7 @@ __all__ = [
     "check_comparable",
     "feature_provenance",
     "features_of_scans",
+    "fingerprint",
     "parameters_sha256",
     "provenance_differences",
     "read_feature_file",
@@ -43,9 +49,11 @@ __all__ = [
     "summary_lines",
 ]
 
-# Provenance fields that change the features; a difference in any of them makes two sets incomparable.
+# Provenance fields that change the number; the fingerprint is their hash. Older files lack "estimator".
 MUST_MATCH = ("model", "weights", "weights_sha256", "parameters_sha256", "layer", "pooling", "preprocess",
-              "input_size", "precision", "feature_dim")
+              "input_size", "precision", "feature_dim", "estimator")
+DEFAULTS = {"estimator": "eigen"}
+FINGERPRINT_CHARS = 16
 FEATURE_FILES = (".npz", ".npy")
 
 
@@ -79,10 +87,27 @@ def parameters_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def fingerprint(provenance: dict | None, volumes: Sequence[int] | None = None) -> str:
+    """One short hash of everything in a provenance that changes the number (``MUST_MATCH``).
+
+    With ``volumes`` (the volumes per set) it is a score's fingerprint: the FID depends on N too.
+    Two feature sets, or two scores, are comparable exactly when their fingerprints match.
+    """
+    fields = {key: _plain((provenance or {}).get(key, DEFAULTS.get(key))) for key in MUST_MATCH}
+    if volumes is not None:
+        fields["volumes"] = [int(n) for n in volumes]
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:FINGERPRINT_CHARS]
+
+
 def feature_provenance(model: nn.Module, preprocess: Preprocess, *, volumes: int, feature_dim: int,
                        input_shapes: Sequence[Sequence[int]] = (), amp: str | None = None,
-                       seed: int | None = None) -> dict[str, Any]:
-    """How pooled features were made: everything needed to make comparable ones again."""
+                       seed: int | None = None, convention: str | None = None) -> dict[str, Any]:
+    """How pooled features were made: everything needed to make comparable ones again, and its fingerprint.
+
+    This is the one description of a feature run; anything that keys on "the same run" uses it.
+    """
+    conv = get_convention(convention or DEFAULT_CONVENTION)
     cfg = model.pretrained_cfg if has_weights(model) else None
     arch = cfg.get("architecture") if cfg else None
     if not arch:
@@ -95,33 +120,37 @@ def feature_provenance(model: nn.Module, preprocess: Preprocess, *, volumes: int
                                     if cfg.get("hf_hub_id") else None)
     else:
         weights, where = "random" + (f" (torch.manual_seed({seed}))" if seed is not None else ""), None
-    return {
+    provenance = {
         "package": "med3d-hub",
+        "convention": conv.name,
         "version": __version__,
         "model": arch,
         "weights": weights,
         "weights_file": where,
         "weights_sha256": cfg.get("sha256") if cfg else None,
         "parameters_sha256": parameters_sha256(model),
-        "layer": "layer4",
-        "pooling": "global average (adaptive_avg_pool3d to 1x1x1)",
+        "layer": conv.layer,
+        "pooling": {"avg": "global average (adaptive_avg_pool3d to 1x1x1)"}[conv.pooling],
         "preprocess": preprocess.to_dict(),
         "input_size": list(preprocess.size) if preprocess.size else None,
         "input_shapes": sorted({tuple(int(v) for v in s) for s in input_shapes}),
         "precision": amp or "fp32",
         "feature_dim": int(feature_dim),
+        "estimator": conv.estimator,
         "volumes": int(volumes),
     }
+    provenance["fingerprint"] = fingerprint(provenance)
+    return provenance
 
 
 def provenance_differences(first: dict | None, second: dict | None) -> list[str]:
-    """What differs between two provenances, one line per field that changes the features."""
+    """What differs between two provenances, one line per field that changes the number (to explain a mismatch)."""
     if first is None or second is None:
         missing = "both sets" if first is None and second is None else ("the first set" if first is None else "the second set")
         return [f"{missing} carry no provenance (.npy, or an .npz from an older med3d features)"]
     lines = []
     for key in MUST_MATCH:
-        a, b = _plain(first.get(key)), _plain(second.get(key))
+        a, b = (_plain(p.get(key, DEFAULTS.get(key))) for p in (first, second))
         if a != b:
             lines.append(f"{key}: {a!r} vs {b!r}")
     return lines
@@ -136,30 +165,40 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def check_comparable(first: FeatureSet, second: FeatureSet, *, force: bool = False) -> list[str]:
-    """Raise ``ProvenanceMismatch`` when the two sets were made differently, unless ``force`` (then warn).
+def set_fingerprint(s: FeatureSet) -> str | None:
+    """The fingerprint of a set's features, from its provenance (None without one)."""
+    return None if s.provenance is None else fingerprint(s.provenance)
 
-    Returns the differences (empty when the sets are comparable).
+
+def check_comparable(first: FeatureSet, second: FeatureSet, *, force: bool = False) -> list[str]:
+    """Raise ``ProvenanceMismatch`` when the two sets' fingerprints differ, unless ``force`` (then warn).
+
+    The fingerprint is the one test; the differing fields are listed only to say why. Returns them
+    (empty when the sets are comparable).
     """
-    differences = provenance_differences(first.provenance, second.provenance)
     if first.features.shape[1:] != second.features.shape[1:]:
         raise ProvenanceMismatch(
             f"{first.source} has {first.features.shape[1]}-d features and {second.source} "
             f"{second.features.shape[1]}-d ones: they come from different models and cannot be compared"
         )
-    if differences:
-        what = "; ".join(differences)
+    prints = set_fingerprint(first), set_fingerprint(second)
+    if None in prints or prints[0] != prints[1]:
+        what = "; ".join(provenance_differences(first.provenance, second.provenance))
+        shown = " vs ".join(p or "none" for p in prints)
         if not force:
             raise ProvenanceMismatch(
-                f"{first.source} and {second.source} were not made the same way ({what}); a distance between them "
-                "would measure that difference. Recompute one set, or pass --force to compare anyway."
+                f"{first.source} and {second.source} were not made the same way (fingerprints {shown}: {what}); "
+                "a distance between them would measure that difference. Recompute one set, or pass --force "
+                "to compare anyway."
             )
-        warnings.warn(f"comparing feature sets made differently ({what}): forced", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"comparing feature sets made differently (fingerprints {shown}: {what}): forced",
+                      RuntimeWarning, stacklevel=2)
+        return [f"fingerprint: {shown}", *provenance_differences(first.provenance, second.provenance)]
     versions = {p.get("version") for p in (first.provenance, second.provenance) if p}
     if len(versions) > 1:
         warnings.warn(f"the feature sets were made by different med3d-hub versions ({', '.join(sorted(versions))}); "
-                      "their weights and preprocessing match", RuntimeWarning, stacklevel=2)
-    return differences
+                      "their fingerprints match", RuntimeWarning, stacklevel=2)
+    return []
 
 
 # -- inputs -------------------------------------------------------------------------------------------
@@ -240,7 +279,8 @@ def read_feature_file(path: str) -> FeatureSet:
 
 
 def features_of_scans(model: nn.Module, scans: Sequence[str], preprocess: Preprocess, *, source: str,
-                      seed: int | None = None, amp: str | None = None, **options: Any) -> FeatureSet:
+                      seed: int | None = None, amp: str | None = None, convention: str | None = None,
+                      **options: Any) -> FeatureSet:
     """Pooled features of every scan, with their provenance; any failed scan is an error.
 
     A score over the scans that happened to be readable would not be a score of the set.
@@ -251,7 +291,8 @@ def features_of_scans(model: nn.Module, scans: Sequence[str], preprocess: Prepro
         raise FeatureExtractionError(failed, len(results))
     features = np.stack([r.features for r in results])
     provenance = feature_provenance(model, preprocess, volumes=len(results), feature_dim=features.shape[1],
-                                    input_shapes=[r.shape for r in results], amp=amp, seed=seed)
+                                    input_shapes=[r.shape for r in results], amp=amp, seed=seed,
+                                    convention=convention)
     return FeatureSet(source, features, [r.name for r in results], provenance)
 
 
@@ -266,14 +307,18 @@ def score_sets(first: FeatureSet, second: FeatureSet, *, kid_subsets: int = 100,
     """
     differences = check_comparable(first, second, force=force)
     a, b = first.features.astype(np.float64), second.features.astype(np.float64)
+    shared = _shared(first.provenance, second.provenance)
+    estimator = (shared or {}).get("estimator", DEFAULTS["estimator"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", metrics.SingularCovarianceWarning)
-        fid = metrics.fid(a, b)
+        fid = metrics.fid(a, b, estimator=estimator)
     notes = sorted({str(w.message) for w in caught if issubclass(w.category, metrics.SingularCovarianceWarning)})
     kid = metrics.kid(a, b, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
     sigma = metrics.median_bandwidth(a, b, seed=seed) if bandwidth is None else float(bandwidth)
     report: dict[str, Any] = {
+        "fingerprint": score_fingerprint(first, second),
         "fid": fid,
+        "fid_estimator": estimator,
         "fid_ci": None,
         "kid": {"mean": kid.mean, "std": kid.std, "subsets": kid.subsets, "subset_size": kid.subset_size,
                 "kernel": "polynomial (x.y / D + 1)^3"},
@@ -282,7 +327,7 @@ def score_sets(first: FeatureSet, second: FeatureSet, *, kid_subsets: int = 100,
         "mmd2_linear": metrics.mmd(a, b, "linear"),
         "seed": seed,
         "sets": [_set_summary(s) for s in (first, second)],
-        "provenance": _shared(first.provenance, second.provenance),
+        "provenance": shared,
         "provenance_differences": differences,
         "warnings": notes,
         "med3d_hub_version": __version__,
@@ -290,14 +335,21 @@ def score_sets(first: FeatureSet, second: FeatureSet, *, kid_subsets: int = 100,
     if bootstrap:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", metrics.SingularCovarianceWarning)  # said once above
-            low, high = metrics.bootstrap(metrics.fid, a, b, resamples=bootstrap, seed=seed)
+            low, high = metrics.bootstrap(lambda x, y: metrics.fid(x, y, estimator=estimator), a, b,
+                                          resamples=bootstrap, seed=seed)
         report["fid_ci"] = {"low": low, "high": high, "level": 0.95, "resamples": bootstrap, "method": "percentile"}
     return report
 
 
+def score_fingerprint(first: FeatureSet, second: FeatureSet) -> str:
+    """The score's fingerprint: the features' (the first set's where forced past a difference) and N per set."""
+    return fingerprint(first.provenance or second.provenance, volumes=(len(first.features), len(second.features)))
+
+
 def _set_summary(s: FeatureSet) -> dict[str, Any]:
     digest = hashlib.sha256(np.ascontiguousarray(s.features, dtype=np.float32).tobytes()).hexdigest()
-    summary = {"source": s.source, "volumes": int(len(s.features)), "features_sha256": digest}
+    summary = {"source": s.source, "volumes": int(len(s.features)), "features_sha256": digest,
+               "fingerprint": set_fingerprint(s)}
     if s.provenance:
         summary["input_shapes"] = s.provenance.get("input_shapes")
     return summary
@@ -308,7 +360,7 @@ def _shared(first: dict | None, second: dict | None) -> dict | None:
     base = first or second
     if base is None:
         return None
-    return {k: v for k, v in base.items() if k not in ("volumes", "input_shapes")}
+    return {k: v for k, v in base.items() if k not in ("volumes", "input_shapes", "fingerprint")}
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
@@ -320,4 +372,6 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"KID   {kid['mean']:.6g} +- {kid['std']:.3g}  ({kid['subsets']} subset(s) of {kid['subset_size']})",
         f"MMD^2 rbf {rbf['value']:.6g} (bandwidth {rbf['bandwidth']:.6g}), linear {report['mmd2_linear']:.6g}",
         "sets  " + " vs ".join(f"{s['source']} ({s['volumes']} volumes)" for s in report["sets"]),
+        f"fingerprint {report['fingerprint']} ({(report['provenance'] or {}).get('convention', 'no provenance')}, "
+        f"FID estimator {report['fid_estimator']})",
     ]

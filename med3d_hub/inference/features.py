@@ -241,7 +241,7 @@ def describe_preprocess(p: Preprocess) -> str:
     params = ", ".join(f"{k} {v:g}" for k, v in p.intensity.items() if k != "method")
     return "; ".join([
         f"resample to {' x '.join(f'{s:g}' for s in p.spacing)} mm" if p.spacing else "spacing kept",
-        "crop to non-zero voxels" if p.crop_foreground else "no crop",
+        {True: "crop to non-zero voxels", False: "no crop"}.get(p.crop_foreground, "drop blank D-planes"),
         p.intensity["method"] + (f" ({params})" if params else ""),
         f"{p.size_mode} to {' x '.join(map(str, p.size))}" if p.size else "size kept",
     ])
@@ -356,6 +356,7 @@ def extract_features(
     workers: int = 1,
     progress: bool = False,
     nan_policy: str = "error",
+    convention: str | None = None,
 ) -> Features:
     """Features of each input, stacked in input order.
 
@@ -379,9 +380,17 @@ def extract_features(
         progress: show a progress bar over the inputs (needs tqdm).
         nan_policy: "error" (an input with NaN or infinite voxels fails, naming the count) or
             "zero" (such voxels are set to 0 before preprocessing).
+        convention: the name of a published FID convention (``med3d fid --list-conventions``),
+            whose preprocessing replaces ``preprocess`` (the model must be of its architecture).
 
     Raises ``FeatureExtractionError`` naming every input that failed (no partial result).
     """
+    if convention is not None:
+        from .conventions import get_convention
+
+        if preprocess is not None:
+            raise UsageError("give preprocess= or convention=, not both: a convention sets the preprocessing")
+        preprocess = get_convention(convention).preprocess_for(model)
     results = list(
         iter_features(
             model, inputs, preprocess=preprocess, maps=maps, batch_size=batch_size, device=device,

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..data.io import Volume
 from ..data.preprocess import Preprocess, nonzero_box
+from ..errors import UsageError
 
 __all__ = ["DHW_TO_IJK", "Grid", "from_canonical", "grid_of", "to_scan_grid"]
 
@@ -43,6 +44,9 @@ class Grid:
 
 def grid_of(pre: Preprocess, volume: Volume, network_shape) -> Grid:
     """The shapes of ``volume`` after each step of ``pre`` (the crop box needs the resampled values)."""
+    if pre.crop_foreground == "blank_planes" or pre.size_mode == "resize_skimage":
+        raise UsageError("crop_foreground 'blank_planes' and size_mode 'resize_skimage' (FID conventions) cannot be "
+                         "undone onto the scan's grid; predict with resize or crop_pad and a box crop")
     canonical = tuple(volume.shape)
     if pre.spacing is None:
         resampled = canonical

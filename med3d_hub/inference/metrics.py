@@ -15,7 +15,10 @@ Definitions, as in the literature:
 * **FID** (Heusel et al. 2017): ``sum((mu1 - mu2)^2) + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2)`` with
   unbiased covariances. ``tr((S1 S2)^1/2)`` is the sum of the square roots of the eigenvalues of
   ``F1^T S2 F1`` where ``S1 = F1 F1^T``: a symmetric positive semi-definite matrix, so the square
-  root is real and stable (no complex parts, no ``sqrtm`` of a non-symmetric product).
+  root is real and stable (no complex parts, no ``sqrtm`` of a non-symmetric product). The
+  published 3D conventions (HA-GAN, MONAI's ``FIDMetric``) instead take ``scipy.linalg.sqrtm`` of
+  ``S1 S2``: ``estimator="sqrtm"`` reproduces that (1e-6 added to the diagonals when the root is
+  not finite, the real part kept); it needs scipy.
 * **KID** (Binkowski et al. 2018): the unbiased MMD^2 with the kernel ``(x.y / D + 1)^3``, averaged
   over random subsets; its std is the spread over the subsets (``np.std``, as torch-fidelity).
 * **MMD** (Gretton et al. 2012): the unbiased MMD^2 with an RBF kernel ``exp(-|x-y|^2 / 2 s^2)``
@@ -150,8 +153,17 @@ def _psd_factor(sigma: np.ndarray, name: str, n: int | None) -> np.ndarray:
         return np.linalg.cholesky(sigma)
     except np.linalg.LinAlgError:
         pass
+    _warn_singular(sigma, name, n, always=True)
+    values, vectors = np.linalg.eigh(sigma)
+    return vectors * np.sqrt(np.clip(values, 0.0, None))
+
+
+def _warn_singular(sigma: np.ndarray, name: str, n: int | None, *, always: bool) -> None:
+    """Warn that the covariance of ``name`` is singular: too few volumes, or constant features."""
     dim = len(sigma)
     constant = int((np.diag(sigma) <= 0).sum())
+    if not always and not constant and (n is None or n > dim):
+        return
     reasons = []
     if n is not None and n <= dim:
         reasons.append(f"{n} volumes for {dim} feature dimensions (rank at most {n - 1})")
@@ -162,13 +174,21 @@ def _psd_factor(sigma: np.ndarray, name: str, n: int | None) -> np.ndarray:
         advice = ("the FID is dominated by estimation noise and biased upwards; use more volumes than "
                   "feature dimensions (several times more is better), fewer dimensions (e.g. resnet10: 512), "
                   "or report KID, which has no such requirement")
-        warnings.warn(f"the covariance of {name} is singular ({why}): {advice}", SingularCovarianceWarning, stacklevel=4)
-    values, vectors = np.linalg.eigh(sigma)
-    return vectors * np.sqrt(np.clip(values, 0.0, None))
+        warnings.warn(f"the covariance of {name} is singular ({why}): {advice}", SingularCovarianceWarning, stacklevel=5)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, *, n1: int | None = None, n2: int | None = None) -> float:
-    """The Frechet distance of two Gaussians given their means and covariances (float64)."""
+ESTIMATORS = ("eigen", "sqrtm")
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, *, n1: int | None = None, n2: int | None = None,
+                     estimator: str = "eigen") -> float:
+    """The Frechet distance of two Gaussians given their means and covariances (float64).
+
+    ``estimator``: "eigen" (a symmetric product, see the module's docstring) or "sqrtm" (scipy's
+    ``sqrtm(S1 @ S2)``, as HA-GAN and MONAI compute it).
+    """
+    if estimator not in ESTIMATORS:
+        raise UsageError(f"unknown FID estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
@@ -176,20 +196,45 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, n1: int | None = None, n2: int
             f"the two sets differ in feature dimension or shape: means {mu1.shape} and {mu2.shape}, "
             f"covariances {sigma1.shape} and {sigma2.shape}"
         )
-    f1 = _psd_factor(sigma1, "the first set", n1)
-    f2 = _psd_factor(sigma2, "the second set", n2)
-    g = f2.T @ f1
-    # eig(g^T g) = eig(F1^T S2 F1) = eig(S2 S1): symmetric, so eigvalsh; tiny negatives are rounding.
-    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(g.T @ g), 0.0, None)).sum()
+    if estimator == "sqrtm":
+        _warn_singular(sigma1, "the first set", n1, always=False)
+        _warn_singular(sigma2, "the second set", n2, always=False)
+        trace_sqrt = _trace_sqrtm(sigma1, sigma2)
+    else:
+        f1 = _psd_factor(sigma1, "the first set", n1)
+        f2 = _psd_factor(sigma2, "the second set", n2)
+        g = f2.T @ f1
+        # eig(g^T g) = eig(F1^T S2 F1) = eig(S2 S1): symmetric, so eigvalsh; tiny negatives are rounding.
+        trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(g.T @ g), 0.0, None)).sum()
     diff = mu1 - mu2
     value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt
     return float(max(value, 0.0))  # a squared distance: below zero only by rounding
 
 
-def fid(a, b) -> float:
+def _trace_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
+    """tr(sqrtm(S1 S2)) the way HA-GAN's and MONAI's FID take it."""
+    try:
+        from scipy import linalg
+    except ImportError:
+        raise UsageError("the sqrtm FID estimator (HA-GAN, MONAI) is computed with scipy: pip install scipy") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy's note on a singular product; handled below as upstream does
+        root = linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(root).all():
+            offset = np.eye(len(sigma1)) * eps
+            root = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(root):
+        if not np.allclose(np.diagonal(root).imag, 0, atol=1e-3):
+            raise UsageError(f"the sqrtm FID estimator gives an imaginary part of {np.max(np.abs(root.imag)):.3g}: "
+                             "the covariances are too singular for it (use more volumes than feature dimensions)")
+        root = root.real
+    return float(np.trace(root))
+
+
+def fid(a, b, *, estimator: str = "eigen") -> float:
     """Frechet distance between two sets: (N, D) feature arrays or ``MeanCovariance`` statistics."""
     sa, sb = MeanCovariance.of(a), MeanCovariance.of(b)
-    return frechet_distance(sa.mean, sa.covariance, sb.mean, sb.covariance, n1=sa.n, n2=sb.n)
+    return frechet_distance(sa.mean, sa.covariance, sb.mean, sb.covariance, n1=sa.n, n2=sb.n, estimator=estimator)
 
 
 # -- kernels and MMD ------------------------------------------------------------------------------

@@ -3,6 +3,10 @@
 from torch import nn
 
 
+# The submodule of `SegmentationHead` that gives the class logits: `conv_seg.6` is the classifier.
+LOGITS_INDEX = 6
+
+
 class SegmentationHead(nn.Sequential):
     """MedicalNet's `conv_seg`: a 2x transposed conv, a 3x3x3 conv, then a 1x1x1 conv to classes.
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UsageError
-from .heads import SegmentationHead
+from .heads import LOGITS_INDEX, SegmentationHead
 
 # Block type, blocks per stage and the shortcut the released weights use, per depth.
 ARCHITECTURES: dict[str, dict] = {
@@ -62,7 +62,7 @@ def timm_data_cfg(
         "crop_mode": "center",
         "num_classes": seg_classes if seg_classes is not None else num_classes,
         "first_conv": "conv1",
-        "classifier": "conv_seg.conv" if seg_classes is not None else "fc",
+        "classifier": f"conv_seg.{LOGITS_INDEX}" if seg_classes is not None else "fc",
     }
 
 

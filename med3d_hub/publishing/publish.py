@@ -348,6 +348,13 @@ def _upload(api, repo_id: str, exported: Exported, private: bool, message: str, 
         status = error.response.status_code if error.response is not None else None
         hint = "; check that the token may write to this repo (HF_TOKEN, `hf auth login`)" if status in (401, 403) else ""
         raise PublishError(_scrub(f"the upload to {repo_id} failed: {error}{hint}; {unchanged}", secret)) from None
+    except (ValueError, RuntimeError) as error:
+        refused = _lfs_refusal(error, exported)
+        if refused is None:
+            raise
+        raise PublishError(_scrub(f"the Hub refused the LFS upload to {repo_id} ({refused}); nothing was committed and "
+                                  f"{unchanged}. Fix what the Hub names (quota, file size, token), then publish again",
+                                  secret)) from None
     except hub.transport_errors() as error:
         if "xet" in str(error).lower():
             raise PublishError(f"{_XET_HINT}. Nothing was committed; {unchanged}") from None
@@ -356,6 +363,25 @@ def _upload(api, repo_id: str, exported: Exported, private: bool, message: str, 
                    f"the commit may not have been made; {unchanged}", secret)
         ) from None
     return info.oid, str(info.commit_url)
+
+
+def _lfs_refusal(error: Exception, exported: Exported) -> str | None:
+    """What the Hub said when it refused the LFS bytes of an upload, files named; None for any other error.
+
+    huggingface_hub reports a refusal in the LFS batch answer as a ValueError ("LFS batch API returned
+    errors", files by sha256) and one by the storage as a RuntimeError caused by the HTTP error.
+    """
+    from huggingface_hub.utils import HfHubHTTPError
+
+    if isinstance(error, RuntimeError) and isinstance(error.__cause__, HfHubHTTPError):
+        return f"{error} {error.__cause__}".replace("\n", " ")
+    text = str(error)
+    if not (isinstance(error, ValueError) and text.startswith("LFS batch API returned errors")):
+        return None
+    for name in exported.files:  # file names instead of sha256s: only on this error path
+        oid = exported.sha256 if name == model_files.WEIGHTS_NAME else hub.sha256_file(exported.folder / name)
+        text = text.replace(f"file with OID {oid}", f"'{name}'")
+    return text.split(":", 1)[1].strip().replace("\n", "; ").replace("`", "")
 
 
 def _check_remote_sha(api, repo_id: str, commit: str, exported: Exported, manifest: Path, secret: str | None) -> None:

@@ -25,6 +25,7 @@ __all__ = [
     "architecture_of_keys",
     "check_backbone",
     "check_finite",
+    "check_floating",
     "describe_head",
     "detect_format",
     "infer_shortcut",
@@ -200,6 +201,27 @@ def adapt_in_chans(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
 
 class NonFiniteWeightsError(Med3DError, ValueError):
     """The weights hold NaN or infinite values; the message names the tensors."""
+
+
+# The one integer tensor of a Med3D network: BatchNorm's step counter.
+_INTEGER_KEYS = ("num_batches_tracked",)
+
+
+def check_floating(state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Refuse weights whose tensors are integers or booleans where the network holds floating-point values.
+
+    Such a file is quantised or not a set of weights at all; copying it into a float model would fail
+    deep inside torch, or silently truncate, so the message names the tensors and their dtypes.
+    """
+    bad = sorted(k for k, v in state_dict.items()
+                 if not (v.is_floating_point() or v.is_complex()) and not k.endswith(_INTEGER_KEYS))
+    if bad:
+        shown = ", ".join(f"{k} ({str(state_dict[k].dtype).replace('torch.', '')})" for k in bad[:_SHOWN_NONFINITE])
+        more = f" and {len(bad) - _SHOWN_NONFINITE} more tensors" if len(bad) > _SHOWN_NONFINITE else ""
+        raise CheckpointMismatchError(
+            f"the weights in {source} hold integer tensors where the model has floating-point weights: {shown}{more}. "
+            "The file is quantised or is not a weights file; give the float (float32, float16 or bfloat16) weights."
+        )
 
 
 def check_finite(state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:

@@ -8,8 +8,8 @@ Every way to a model with weights ends in `load_model`; the entry points only fi
   saved folder or Hub repo;
 - fine-tuned runs: ``finetuned`` resolves the run's encoder.
 
-What this module does, the same for all of them: weights in another float precision become float32
-and NaN or infinity is refused; the shortcut type is the weights' (another one is an error);
+What this module does, the same for all of them: integer tensors (a quantised file) are refused,
+weights in another float precision become float32 and NaN or infinity is refused; the shortcut type is the weights' (another one is an error);
 ``in_chans`` other than the weights' adapts conv1 (``checkpoints.adapt_in_chans``); every backbone
 tensor must be in the weights with its shape, and nothing else (errors name the keys). The head
 follows ``head``: ``"fit"`` initialises a head the weights lack (or have in another shape) afresh
@@ -69,6 +69,7 @@ def load_model(
     A head argument (``num_classes``, ``seg_classes``, ``features_only``...) replaces the saved head as
     a whole, so ``num_classes=0`` gives the encoder of a published classifier.
     """
+    checkpoints.check_floating(weights.state_dict, source=weights.source)
     state = _as_float32(weights.state_dict, weights.source)
     checkpoints.check_finite(state, source=weights.source)
     kwargs = over_saved_kwargs(weights.model_kwargs, kwargs)

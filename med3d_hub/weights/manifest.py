@@ -277,6 +277,11 @@ def _parse(path: Path) -> list[WeightsEntry]:
         raise ManifestError(f"cannot read weights manifest {path}: {error}") from None
     except json.JSONDecodeError as error:
         raise ManifestError(f"{path} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ManifestError(
+            f"{path} nests its JSON deeper than it can be read; a manifest is a flat list of entries "
+            f'{{"schema_version": {SCHEMA_VERSION}, "weights": [...]}} (docs/manifest-schema.md)'
+        ) from None
     return _entries_of(data, path)
 
 

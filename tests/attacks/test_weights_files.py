@@ -67,6 +67,16 @@ def test_a_manifest_with_wrong_types_exits_2_naming_the_file(tmp_path, monkeypat
     assert str(path) in err and "internal error" not in err
 
 
+def test_a_manifest_nested_deeper_than_json_can_read_exits_2_naming_the_file(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 20_000 + "]" * 20_000)
+    monkeypatch.setenv("MED3D_HUB_MANIFEST", str(path))
+    assert cli.main(["list"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} nests its JSON deeper than it can be read" in err and '"weights": [...]' in err, err
+    assert "internal error" not in err and "RecursionError" not in err
+
+
 # -- case 9: float16 weights -----------------------------------------------------------------------------
 
 
@@ -78,6 +88,23 @@ def test_weights_in_another_precision_load_as_float32_and_run(tmp_path, dtype):
     assert torch.equal(model.conv1.weight, state["conv1.weight"].float())
     with torch.no_grad():
         assert model(torch.zeros(1, 1, 16, 16, 16)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool])
+def test_weights_with_integer_tensors_are_a_user_error_naming_the_file_and_tensors(tmp_path, capsys, dtype):
+    """A quantised or bogus file: refused by name (exit 2), not torch's "only floating point can require gradients"."""
+    path, state = safetensors_of(tmp_path, "int_weights.safetensors", dtype=torch.float32)
+    save_file({k: v.to(dtype) if k.startswith("layer1.") else v for k, v in state.items()}, str(path))
+    with pytest.raises(CheckpointMismatchError, match="hold integer tensors") as caught:
+        med3d_hub.create_model("resnet10", pretrained=str(path), num_classes=0)
+    assert str(path) in str(caught.value) and f"layer1.0.bn1.bias ({str(dtype)[6:]})" in str(caught.value)
+
+    import numpy as np
+
+    np.save(tmp_path / "scan.npy", np.zeros((8, 8, 8), np.float32))
+    assert cli.main(["features", str(tmp_path / "scan.npy"), "-o", str(tmp_path / "f.npy"), "--pretrained", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "int_weights.safetensors hold integer tensors" in err and "internal error" not in err
 
 
 # -- held: malicious pickles and tampering ----------------------------------------------------------------
