@@ -28,6 +28,7 @@ from scan_files import (  # noqa: E402
     write_manifest,
     write_nifti,
 )
+from skips import needs  # noqa: E402
 
 from med3d_hub.cli import app as cli  # noqa: E402
 from med3d_hub.cli import options, training  # noqa: E402
@@ -236,8 +237,8 @@ def test_help_version_and_usage_errors(capsys, tmp_path, hf_cache, monkeypatch):
         assert "Traceback" not in err
 
 
-@pytest.mark.skipif(not training.train_available(), reason="the training package is not installed")
 def test_train_is_forwarded(capsys):
+    needs(training.train_available(), "the training extra", "pip install 'med3d-hub[train]'")
     assert cli.main(["train", "--help"]) == 0
     assert "med3d train" in capsys.readouterr().out
 

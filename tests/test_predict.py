@@ -86,7 +86,8 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # about 4 minutes on a quiet 2-core machine: 300 fine-tuning steps
+@pytest.mark.timeout(1800)
 def test_finetuned_segmentation_predicts_the_held_out_scan_on_its_own_grid(tmp_path):
     """Fine-tune (the paper's decoder, 300 steps), predict a larger, reoriented held-out scan: Dice > 0.8."""
     run = _finetune_seg(tmp_path, tmp_path / "run", "--batch-size", "2", "--steps", "300", "--val-every", "300",
