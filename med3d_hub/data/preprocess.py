@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from ..errors import UsageError
 from .io import Volume
 
-__all__ = ["PAPER_PREPROCESS", "Preprocess", "transforms_for"]
+__all__ = ["PAPER_PREPROCESS", "Preprocess", "nonzero_box", "transforms_for"]
 
 PAPER_PREPROCESS: dict = {
     "spacing": None,
@@ -291,17 +291,26 @@ def _interpolate(x: torch.Tensor, shape) -> torch.Tensor:
     return F.interpolate(x[None], size=tuple(shape), mode="trilinear", align_corners=False)[0]
 
 
-def _crop_nonzero(x: torch.Tensor) -> torch.Tensor:
-    """Crop (C, D, H, W) to the bounding box of voxels non-zero in any channel; an all-zero volume is left whole."""
+def nonzero_box(x: torch.Tensor) -> tuple[slice, slice, slice] | None:
+    """The (D, H, W) bounding box of the voxels of (C, D, H, W) non-zero in any channel; None if there are none."""
     mask = (x != 0).any(dim=0)
     if not mask.any():
-        return x
-    box = [slice(None)]
+        return None
+    box = []
     for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        hits = torch.nonzero(mask.any(dim=others)).flatten()
+        hits = mask
+        for other in (2, 1, 0):  # one axis at a time: any() over several axes needs torch 2.2
+            if other != axis:
+                hits = hits.any(dim=other)
+        hits = torch.nonzero(hits).flatten()
         box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return x[tuple(box)]
+    return tuple(box)
+
+
+def _crop_nonzero(x: torch.Tensor) -> torch.Tensor:
+    """Crop (C, D, H, W) to the bounding box of voxels non-zero in any channel; an all-zero volume is left whole."""
+    box = nonzero_box(x)
+    return x if box is None else x[(slice(None), *box)]
 
 
 def _drop_blank_planes(x: torch.Tensor, floor: float) -> torch.Tensor:

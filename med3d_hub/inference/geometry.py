@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.io import Volume
-from ..data.preprocess import Preprocess
+from ..data.preprocess import Preprocess, nonzero_box
 from ..errors import UsageError
 
 __all__ = ["DHW_TO_IJK", "Grid", "from_canonical", "grid_of", "to_scan_grid"]
@@ -54,14 +54,7 @@ def grid_of(pre: Preprocess, volume: Volume, network_shape) -> Grid:
         resampled = tuple(max(1, int(n * s / t + 0.5)) for n, s, t in zip(canonical, volume.spacing, pre.spacing))
     box = None
     if pre.crop_foreground:
-        values = Preprocess(spacing=pre.spacing, intensity={"method": "none"})(volume)
-        mask = (values != 0).any(dim=0)  # non-zero in any channel, as Preprocess crops
-        if mask.any():
-            box = []
-            for axis in range(3):
-                hits = torch.nonzero(mask.any(dim=tuple(a for a in range(3) if a != axis))).flatten()
-                box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-            box = tuple(box)
+        box = nonzero_box(Preprocess(spacing=pre.spacing, intensity={"method": "none"})(volume))  # as Preprocess crops
     return Grid(canonical, resampled, box, tuple(int(n) for n in network_shape))
 
 
