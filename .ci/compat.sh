@@ -15,7 +15,8 @@
 # (default 2) run at once, each with one thread and its own temporary folder; their logs are printed
 # in order afterwards, each headed by the versions it ran with.
 # Override with MED3D_COMPAT_HUB_VERSIONS="0.30.2 1.0.0 ..." (MED3D_COMPAT_FLOORS=0 skips the floors);
-# arguments go to pytest.
+# arguments go to pytest. With MED3D_CI_REPORTS set (.ci/run), each layer leaves its JUnit report there.
+# The floors of torch, safetensors and requests need a numpy 1.x environment of their own: .ci/floors.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -74,7 +75,8 @@ run_layer() {  # name, then pytest arguments; everything goes to the layer's log
     local name=$1; shift
     export PYTHONPATH="$LAYERS/$name:$PWD" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
     echo "=== compatibility: $name: $(describe)"
-    "$PY" -m pytest -q -p no:cacheprovider --basetemp="$LAYERS/tmp-$name" "$@"
+    "$PY" -m pytest -q -p no:cacheprovider --basetemp="$LAYERS/tmp-$name" \
+        ${MED3D_CI_REPORTS:+--junitxml="$MED3D_CI_REPORTS/compat-$name.xml"} "$@"
 }
 
 for name in "${NAMES[@]}"; do

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.util
 import json
 import os
 import platform
@@ -124,6 +125,7 @@ VARIANT_LABELS = {
     "fast": "optimize_for_inference (fast path)",
     "fast_compile": "optimize_for_inference(compile=True)",
     "fast_bf16": "fast path + bf16 autocast (opt-in)",
+    "onnx": "ONNX in onnxruntime (CPU)",
 }
 
 
@@ -341,6 +343,25 @@ def _forward_weights(arch: str, path: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
+def _forward_onnx(arch: str, weights: Path, work: Path, quick: bool) -> str:
+    """The layer4 map of the benchmark's weights as ONNX, once per depth: its sizes are dynamic.
+
+    The default exporter (dynamo) as a user runs it; the quick smoke run takes the faster TorchScript one.
+    """
+    import shutil
+
+    from safetensors.torch import load_file
+
+    import med3d_hub
+
+    model = med3d_hub.create_model(arch, num_classes=0)
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    folder = work / f"{arch}.onnx"
+    shutil.rmtree(folder, ignore_errors=True)
+    done = med3d_hub.export_onnx(model.eval(), folder, returns="layer4", exporter="torchscript" if quick else "auto")
+    return str(done.file)
+
+
 def section_forward(runner: Runner, cfg: dict, args) -> dict:
     import numpy as np
 
@@ -353,17 +374,22 @@ def section_forward(runner: Runner, cfg: dict, args) -> dict:
         variants.append("fast_compile")
     if bf16 and not args.quick:
         variants.append("fast_bf16")
+    if not gpu and importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
+        variants.append("onnx")  # with the [deploy] extra
     groups = []  # (arch, shape, MACs, jobs), the baseline first in each
     for arch in cfg["forward_archs"]:
         weights = runner.work / f"{arch}.forward.safetensors"
         _forward_weights(arch, weights)
+        # The quick smoke run exports the first depth only: an export costs more than its tiny forwards.
+        onnx = "onnx" in variants and (not args.quick or arch == cfg["forward_archs"][0])
+        onnx_file = _forward_onnx(arch, weights, runner.work, args.quick) if onnx else None
         for shape in cfg["forward_shapes"]:
             jobs = []
-            for variant in variants:
+            for variant in (v for v in variants if v != "onnx" or onnx):
                 jid = f"forward/{arch}/{'x'.join(map(str, shape))}/{variant}"
                 jobs.append({"id": jid, "kind": "forward", "arch": arch, "shape": list(shape), "variant": variant,
                              "device": args.device,
-                             "weights": str(weights), "warmup": cfg["warmup"], "repeats": cfg["repeats"],
+                             "weights": str(weights), "onnx": onnx_file, "warmup": cfg["warmup"], "repeats": cfg["repeats"],
                              "output": str(runner.work / (jid.replace("/", "_") + ".npy"))})
             groups.append((arch, shape, count_macs(arch, shape), jobs))
     dtypes = ["float32"] + (["bfloat16"] if bf16 else [])
@@ -801,6 +827,7 @@ def parse_args(argv):
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable CPUs)")
     p.add_argument("--repeats", type=int, help="timed repeats per forward (default 7; quick 2)")
+    p.add_argument("--archs", help="comma-separated depths of the forward section (default resnet10,resnet50)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variant")
     p.add_argument("--rounds", type=int, help="turns of the forward variants, a fresh process each (default 3)")
     p.add_argument("--same-process", action="store_true",
@@ -832,6 +859,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg["forward_shapes"] = cfg["forward_shapes_gpu"]
     if args.repeats:
         cfg["repeats"] = args.repeats
+    if args.archs:
+        cfg["forward_archs"] = tuple(a.strip() for a in args.archs.split(",") if a.strip())
     threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -119,6 +119,13 @@ def _forward_model(job: dict):
         net.load_state_dict(state, strict=True, assign=True)
         net.eval()
         return net, net
+    if variant == "onnx":  # the file `med3d export --format onnx --returns layer4` writes, under onnxruntime
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+        session = ort.InferenceSession(job["onnx"], options, providers=["CPUExecutionProvider"])
+        return session, lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
     import med3d_hub
 
     model = _without_init(lambda: med3d_hub.create_model(job["arch"], num_classes=0))

@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "add_manifest",
     "create_model",
+    "export_onnx",
     "extract_features",
     "list_models",
     "list_pretrained",
@@ -28,8 +29,8 @@ __all__ = [
 ]
 
 # Loaded on first use, so that `import med3d_hub` stays light.
-_LAZY = {"extract_features": ".inference.features", "optimize_for_inference": ".inference.optimize",
-         "predict": ".inference.predict"}
+_LAZY = {"export_onnx": ".publishing.onnx_export", "extract_features": ".inference.features",
+         "optimize_for_inference": ".inference.optimize", "predict": ".inference.predict"}
 # Public namespaces: the model classes (med3d_hub.models.Med3DResNet) and the feature-set metrics
 # (`from med3d_hub import metrics`: FID, KID, MMD), which live in the inference layer.
 _SUBMODULES = {"models": ".models", "metrics": ".inference.metrics"}

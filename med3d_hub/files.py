@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-__all__ = ["atomic_write", "fsync_dir", "read_json", "sha256_file"]
+__all__ = ["atomic_folder", "atomic_write", "fsync_dir", "read_json", "sha256_file"]
 
 _CHUNK = 8 << 20
 
@@ -48,6 +48,29 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = False)
         raise
     if fsync:
         fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside ``path``; on success it becomes ``path`` (new or empty) in one rename.
+
+    An interrupted writer leaves no half-filled ``path``, only a stray ``.<name>.*.partial`` folder
+    that nothing reads. The caller checks beforehand that ``path`` is new or an empty folder.
+    """
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

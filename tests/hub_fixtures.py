@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from hub_server import HubServer
 from olah_mirror import OlahMirror, find_olah_cli
 
-__all__ = ["hf_cache", "hub_server", "olah_mirror"]
+__all__ = ["hf_cache", "hub_server", "olah_mirror", "sleeps"]
 
 # Module attributes huggingface_hub computes from the environment at import time; they are patched
 # too, because setting HF_HOME after the import changes nothing for the running process.
@@ -33,6 +34,14 @@ def hub_server() -> Iterator[HubServer]:
     """A started HubServer with no repos, stopped after the test."""
     with HubServer() as server:
         yield server
+
+
+@pytest.fixture
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Every ``time.sleep`` of the test, recorded instead of slept: a retry with backoff shows up here."""
+    recorded: list[float] = []
+    monkeypatch.setattr(time, "sleep", recorded.append)
+    return recorded
 
 
 @pytest.fixture(scope="session")

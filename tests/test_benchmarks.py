@@ -5,6 +5,7 @@ Also the one loading shortcut the benchmark made visible: a local weights file i
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -53,6 +54,8 @@ def test_forward_paths_agree_with_the_upstream_style_baseline(quick_report):
     _, report, _, _ = quick_report
     rows = report["results"]["forward"]["rows"]
     assert {r["variant"] for r in rows} >= {"upstream", "default", "fast"}
+    if importlib.util.find_spec("onnxruntime"):  # the [deploy] extra: the ONNX file beside the fast path, same inputs
+        assert {r["variant"] for r in rows if r["arch"] == "resnet10"} >= {"fast", "onnx"}
     assert {r["arch"] for r in rows} == {"resnet10", "resnet50"}
     assert report["results"]["forward"]["peak"]["float32_gflops"] > 0  # the ceiling the forward rows are read against
     for r in rows:

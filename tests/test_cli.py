@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 
@@ -28,6 +29,7 @@ from scan_files import (  # noqa: E402
     write_manifest,
     write_nifti,
 )
+from skips import needs  # noqa: E402
 
 from med3d_hub.cli import app as cli  # noqa: E402
 from med3d_hub.cli import options, training  # noqa: E402
@@ -236,8 +238,8 @@ def test_help_version_and_usage_errors(capsys, tmp_path, hf_cache, monkeypatch):
         assert "Traceback" not in err
 
 
-@pytest.mark.skipif(not training.train_available(), reason="the training package is not installed")
 def test_train_is_forwarded(capsys):
+    needs(training.train_available(), "the training extra", "pip install 'med3d-hub[train]'")
     assert cli.main(["train", "--help"]) == 0
     assert "med3d train" in capsys.readouterr().out
 
@@ -268,3 +270,28 @@ def test_one_pretrained_vocabulary_for_features_and_finetune():
         assert SegFinetuneConfig(pretrained=word or "default").lr == PAPER_LR_PRETRAINED, word
     with pytest.raises(ValueError, match="disagrees"):
         resolve_pretrained("resnet50.3dseg8", "23datasets")
+
+
+def _help_examples():
+    """Every example line of every command's help: `  med3d CMD ...`, its comment after two spaces cut."""
+    import re
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    seen = set()
+    for sub in commands.values():
+        for line in (sub.epilog or "").splitlines():
+            match = re.match(r"\s+med3d (\S.*?)(?:\s{2,}.*)?$", line)
+            for command in re.split(r"\s*;\s*med3d\s+", match.group(1)) if match else []:
+                if command not in seen:
+                    seen.add(command)
+                    yield command
+
+
+@pytest.mark.parametrize("example", list(_help_examples()))
+def test_every_help_example_parses(example):
+    """An example in `--help` that argparse refuses teaches a command that cannot run."""
+    import shlex
+
+    args = cli.build_parser().parse_args(shlex.split(example))
+    assert callable(args.func)

@@ -2,8 +2,8 @@
 ``optimize_for_inference``, a training step, ``extract_features``.
 
 Marked ``cuda`` and skipped where torch sees no GPU. ``MED3D_TEST_DEVICE`` names the device under
-test (default ``cuda``); the device check's CPU dry run (``benchmarks/device_check.py --device
-cpu``) sets it to ``cpu``, so that CI runs these tests too, CPU against CPU, and they cannot rot.
+test (default ``cuda``): ``.ci/run`` sets it to ``cpu``, so that CI runs these tests too, CPU against
+CPU, and they cannot rot; the device check (``benchmarks/device_check.sh``) runs them on the GPU.
 
 Every output is compared with the plain fp32 model on the CPU as max |device - cpu| / max |cpu|:
 

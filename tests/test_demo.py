@@ -4,7 +4,6 @@ random weights, and an unreachable Hub."""
 from __future__ import annotations
 
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ pytest.importorskip("matplotlib")
 
 from hub_server import HubServer  # noqa: E402
 from scan_files import manifest_entry, med3d_env, medicalnet_pth, run_med3d, write_inv3, write_manifest  # noqa: E402
+from skips import needs  # noqa: E402
 
 from med3d_hub.cli import app as cli  # noqa: E402
 from med3d_hub.errors import EXIT_UNREACHABLE, EXIT_USAGE  # noqa: E402
@@ -83,8 +83,8 @@ def test_read_inv3_errors(tmp_path):
         demo.read_inv3(tmp_path / "missing.inv3")
 
 
-@pytest.mark.skipif(not demo.CRANIUM_INV3.is_file(), reason="Debian's invesalius-examples is not installed")
 def test_read_the_real_cranium_ct():
+    needs(demo.CRANIUM_INV3.is_file(), f"{demo.CRANIUM_INV3} (Debian's invesalius-examples)", "apt-get install invesalius-examples")
     volume = demo.read_inv3(demo.CRANIUM_INV3)
     assert volume.shape == (108, 256, 256) and volume.array.dtype == np.int16
     assert volume.spacing == pytest.approx((1.5, 0.9570312, 0.9570312))
@@ -145,11 +145,8 @@ def test_demo_with_random_weights_says_so(tmp_path, capsys, monkeypatch, inv3):
 
 @pytest.mark.hub
 def test_demo_without_a_hub_names_the_ways_out(tmp_path):
-    start = time.monotonic()
     run = run_med3d("demo", "--out-dir", tmp_path / "o", env=med3d_env(tmp_path), timeout=120)
-    elapsed = time.monotonic() - start
     assert run.returncode == EXIT_UNREACHABLE, run.stderr
-    assert elapsed < 45, f"took {elapsed:.0f} s"
     err = run.stderr
     assert "Traceback" not in err
     assert err.startswith("med3d: error: the pretrained weights could not be fetched: could not reach")

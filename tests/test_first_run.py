@@ -16,6 +16,7 @@ pytest.importorskip("nibabel")
 
 from hub_server import HubServer  # noqa: E402
 from scan_files import ROOT, closed_endpoint, manifest_entry, med3d_env, medicalnet_pth, run_med3d, write_manifest  # noqa: E402
+from skips import needs  # noqa: E402
 
 from med3d_hub.cli import app as cli  # noqa: E402
 from med3d_hub.cli import training  # noqa: E402
@@ -109,8 +110,8 @@ def test_training_commands_without_the_train_extra_say_what_to_install(argv, tmp
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.skipif(not training.train_available(), reason="the training package is not installed")
 def test_train_errors_name_the_folder_problem_with_the_prefix(tmp_path, capsys):
+    needs(training.train_available(), "the training extra", "pip install 'med3d-hub[train]'")
     empty = tmp_path / "emptydir"
     empty.mkdir()
     code = cli.main(["train", "--data", str(empty), "--output", str(tmp_path / "run"), "--steps", "1"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -90,10 +89,10 @@ def test_older_commits_stay_downloadable_by_sha(hub_server, hf_cache):
 def test_a_cached_pinned_commit_needs_no_server(hub_server, hf_cache):
     commit = hub_server.add_file(REPO, "resnet_10.pth", WEIGHTS)
     hf_hub_download(REPO, "resnet_10.pth", revision=commit, endpoint=hub_server.endpoint, cache_dir=hf_cache)
-    started = time.monotonic()
-    path = hf_hub_download(REPO, "resnet_10.pth", revision=commit, endpoint=closed_port_endpoint(), cache_dir=hf_cache)
-    assert Path(path).read_bytes() == WEIGHTS
-    assert time.monotonic() - started < 1
+    with HangingServer() as silent:  # a request would wait for its timeout; none is made
+        path = hf_hub_download(REPO, "resnet_10.pth", revision=commit, endpoint=silent.endpoint, cache_dir=hf_cache)
+        assert Path(path).read_bytes() == WEIGHTS
+        assert silent.accepted == 0
 
 
 # Metadata
@@ -254,35 +253,29 @@ def test_olah_reports_every_missing_thing_as_a_missing_repo(olah_mirror, hf_cach
 
 def test_a_closed_port_is_refused_at_once_but_hf_hub_download_retries_for_23_s(hf_cache, monkeypatch):
     endpoint = closed_port_endpoint()
-    started = time.monotonic()
-    with pytest.raises(httpx2.ConnectError):
-        HfApi(endpoint=endpoint).model_info(REPO)  # API calls do not retry
-    assert time.monotonic() - started < 1
-
     sleeps: list[float] = []
     monkeypatch.setattr(hf_http, "time", SimpleNamespace(sleep=sleeps.append))
-    started = time.monotonic()
+    with pytest.raises(httpx2.ConnectError):
+        HfApi(endpoint=endpoint).model_info(REPO)
+    assert sleeps == []  # API calls do not retry
+
     with pytest.raises(LocalEntryNotFoundError) as caught:
         hf_hub_download(REPO, "resnet_10.pth", endpoint=endpoint, cache_dir=hf_cache, etag_timeout=1)
     assert isinstance(caught.value.__cause__, httpx2.ConnectError)
-    assert time.monotonic() - started < 2
     # An uncached file is retried with backoff: 23 s of sleeping that etag_timeout does not shorten.
     assert sleeps == [1, 2, 4, 8, 8]
 
 
 def test_a_hanging_server_is_cut_off_only_by_a_timeout(hf_cache, monkeypatch):
     with HangingServer() as hanging:
-        started = time.monotonic()
-        with pytest.raises(httpx2.TimeoutException):
+        with pytest.raises(httpx2.TimeoutException):  # the server never answers: only the timeout ends the call
             HfApi(endpoint=hanging.endpoint).model_info(REPO, timeout=0.3)
-        assert time.monotonic() - started < 2
+        assert hanging.accepted == 1  # API calls do not retry
 
         # hf_hub_download's retries use a fixed 60 s timeout, whatever etag_timeout says; shorten it here.
         monkeypatch.setattr(hf_file_download, "_ETAG_RETRY_TIMEOUT", 0.1)
         monkeypatch.setattr(hf_http, "time", SimpleNamespace(sleep=lambda seconds: None))
-        started = time.monotonic()
         with pytest.raises(LocalEntryNotFoundError) as caught:
             hf_hub_download(REPO, "resnet_10.pth", endpoint=hanging.endpoint, cache_dir=hf_cache, etag_timeout=0.1)
         assert isinstance(caught.value.__cause__, httpx2.TimeoutException)
-        assert time.monotonic() - started < 3
         assert hanging.accepted >= 7  # one HEAD, then six more with retries

@@ -159,6 +159,7 @@ def test_changed_weights_are_seen():
         _assert_close(fast(x), _plain_ops_of(fast, x))
 
 
+@needs_fused  # without the fused ops there are no packed weights
 def test_packed_weights_are_never_saved_and_copies_work():
     model = _model("resnet10", num_classes=2)
     fast = optimize_for_inference(model)

@@ -86,7 +86,8 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # about 4 minutes on a quiet 2-core machine: 300 fine-tuning steps
+@pytest.mark.timeout(1800)
 def test_finetuned_segmentation_predicts_the_held_out_scan_on_its_own_grid(tmp_path):
     """Fine-tune (the paper's decoder, 300 steps), predict a larger, reoriented held-out scan: Dice > 0.8."""
     run = _finetune_seg(tmp_path, tmp_path / "run", "--batch-size", "2", "--steps", "300", "--val-every", "300",
@@ -159,6 +160,14 @@ def test_a_run_predicts_on_the_scans_own_grid(seg_run, tmp_path):
     preds = predict(seg_run["run"], [seg_run["image"]], device="cpu")
     assert np.array_equal(preds[0].mask, data) and np.array_equal(preds[0].affine, scan.affine)
     assert preds[0].class_names == ["background", "blob"]
+
+    # `med3d_hub.predict` is the public function and the torchrun entry package: importing the
+    # package (as `torchrun -m med3d_hub.predict` does) must leave the documented call working.
+    import med3d_hub
+    import med3d_hub.predict  # noqa: F401
+
+    by_api = med3d_hub.predict(seg_run["run"], [seg_run["image"]], device="cpu")
+    assert np.array_equal(by_api[0].mask, data)
 
 
 def test_the_mask_undoes_the_orientation_exactly(seg_run):

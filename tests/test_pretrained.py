@@ -12,7 +12,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -113,13 +112,10 @@ def test_second_load_reads_the_safetensors_cache_without_network_or_unpickling(h
         raise AssertionError("torch.load must not run once the weights are cached")
 
     monkeypatch.setattr(torch, "load", no_unpickling)
-    start = time.perf_counter()
     second = med3d_hub.create_model("resnet10.test", pretrained=True, num_classes=0)
-    elapsed = time.perf_counter() - start
     assert len(hosted.requests) == requests_after_first  # the sha256 pins the content: no request at all
     assert_backbone_equal(second, data)
     assert second.pretrained_cfg == first.pretrained_cfg
-    assert elapsed < 2.0, f"a cached resnet10 load took {elapsed:.2f} s"
     # memory-mapped tensors still train: an in-place update works and leaves the cache file intact
     second.conv1.weight.data.add_(1.0)
     third = med3d_hub.create_model("resnet10.test", pretrained=True, num_classes=0)
@@ -219,14 +215,12 @@ def test_local_file_with_a_tag_must_match_the_manifest(data, tmp_path, hf_cache)
 # -- requirement 7: unreachable Hubs fail fast and say what to do
 
 
-def test_closed_port_fails_fast_with_the_ways_out(hosted, monkeypatch):
+def test_closed_port_fails_fast_with_the_ways_out(hosted, monkeypatch, sleeps):
     endpoint = closed_port_endpoint()
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
-    start = time.perf_counter()
     with pytest.raises(hub.HubUnreachableError) as info:
         med3d_hub.create_model("resnet10", pretrained=True)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 10, f"took {elapsed:.1f} s"
+    assert sleeps == []  # a refused connection is not retried with backoff
     message = str(info.value)
     for needed in (endpoint, REPO, FILE, "HF_ENDPOINT", "HF_HUB_OFFLINE", "pretrained='/path/to/"):
         assert needed in message, needed
@@ -236,20 +230,19 @@ def test_silent_server_fails_within_the_metadata_timeout(hosted, monkeypatch):
     monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
     with HangingServer() as silent:
         monkeypatch.setenv("HF_ENDPOINT", silent.endpoint)
-        start = time.perf_counter()
         with pytest.raises(hub.HubUnreachableError, match="timeout 1 s"):
             med3d_hub.create_model("resnet10", pretrained=True)
-        assert time.perf_counter() - start < 10
+        assert silent.accepted == 1  # one metadata request, ended by its timeout, not retried
 
 
 @pytest.mark.slow
-def test_silent_server_with_default_settings_fails_within_60_seconds(hosted, monkeypatch):
+def test_silent_server_with_default_settings_fails_on_the_default_timeout(hosted, monkeypatch):
     with HangingServer() as silent:
         monkeypatch.setenv("HF_ENDPOINT", silent.endpoint)
-        start = time.perf_counter()
         with pytest.raises(hub.HubUnreachableError) as info:
             med3d_hub.create_model("resnet10", pretrained=True)
-        assert time.perf_counter() - start < 60
+        assert silent.accepted == 1  # one metadata request, ended by the default timeout, not retried
+    assert "timeout 10 s" in str(info.value)
     assert silent.endpoint in str(info.value) and "HF_ENDPOINT" in str(info.value)
 
 
@@ -363,15 +356,14 @@ def test_tampered_url_mirror_keeps_nothing(env, data, hf_cache, tmp_path, monkey
     assert files_with_content(hf_cache.parent, bad) == []
 
 
-def test_url_mirror_on_a_closed_port_is_reported(env, data, tmp_path, monkeypatch):
+def test_url_mirror_on_a_closed_port_is_reported(env, data, tmp_path, monkeypatch, sleeps):
     url = f"{closed_port_endpoint()}/resnet_10.pth"
     monkeypatch.setenv(
         "MED3D_HUB_MANIFEST", str(write_manifest(tmp_path / "m.json", entry("resnet10", "u", data, hf_hub_id=None, urls=[url])))
     )
-    start = time.perf_counter()
     with pytest.raises(hub.HubUnreachableError) as info:
         med3d_hub.create_model("resnet10.u", pretrained=True)
-    assert time.perf_counter() - start < 10
+    assert sleeps == []  # a refused connection is not retried with backoff
     assert url in str(info.value) and "HF_ENDPOINT" in str(info.value)
 
 

@@ -271,17 +271,17 @@ def test_nan_weights_and_loose_checkpoints_are_refused(run_dir, env, tmp_path, c
     assert not target.exists() and env.requests == []
 
 
-def test_an_unreachable_hub_fails_fast_and_leaves_the_manifest_alone(run_dir, hf_cache, monkeypatch, tmp_path, capsys):
+def test_an_unreachable_hub_fails_fast_and_leaves_the_manifest_alone(run_dir, hf_cache, monkeypatch, tmp_path, capsys,
+                                                                   sleeps):
     monkeypatch.setenv("HF_ENDPOINT", closed_port_endpoint())
     monkeypatch.delenv("MED3D_HUB_MANIFEST", raising=False)
     data = medicalnet_bytes("resnet10")
     (tmp_path / "manifests").mkdir()
     target = write_manifest(tmp_path / "manifests" / "weights.json", medicalnet_entry("resnet10", "old", data))
     before = target.read_bytes()
-    start = time.perf_counter()
     code = cli.main(["publish", str(run_dir), "--repo-id", REPO, "--tag", "new", "--manifest", str(target), "--license", "mit"])
     err = capsys.readouterr().err
-    assert code == EXIT_UNREACHABLE and time.perf_counter() - start < 30
+    assert code == EXIT_UNREACHABLE and sleeps == []  # a refused connection is not retried with backoff
     assert "could not reach the Hub" in err and "nothing was uploaded" in err and len(err.strip().splitlines()) == 1
     assert target.read_bytes() == before
     assert [p.name for p in target.parent.iterdir()] == ["weights.json"]  # no temporary manifest left behind
@@ -289,9 +289,8 @@ def test_an_unreachable_hub_fails_fast_and_leaves_the_manifest_alone(run_dir, hf
     with HangingServer() as silent:  # accepts connections, never answers
         monkeypatch.setenv("HF_ENDPOINT", silent.endpoint)
         monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
-        start = time.perf_counter()
         code = cli.main(["publish", str(run_dir), "--repo-id", REPO, "--tag", "new", "--manifest", str(target), "--license", "mit"])
-        assert code == EXIT_UNREACHABLE and time.perf_counter() - start < 20 and silent.accepted >= 1
+        assert code == EXIT_UNREACHABLE and silent.accepted == 1 and sleeps == []  # one request, ended by its timeout
     assert "timeout 1 s" in capsys.readouterr().err and target.read_bytes() == before
 
 

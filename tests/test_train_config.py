@@ -68,6 +68,7 @@ def test_invalid_values_are_config_errors(changes, message):
 
 
 def test_flags_override_the_config(tmp_path):
+    pytest.importorskip("nibabel")  # the synthetic tasks are NIfTI files (the train extra)
     folder = make_synthetic_task(tmp_path, "Spleenish", num_classes=2, num_cases=1, folder_name="Task09_Spleen")
     other = make_synthetic_task(tmp_path, "Other", num_classes=3, num_cases=1)
     args = parser().parse_args([

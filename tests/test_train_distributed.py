@@ -150,10 +150,7 @@ def test_two_processes_train_log_checkpoint_and_export(reference):
     backbone = create_model("resnet10", num_classes=0)
     backbone.load_state_dict(encoder, strict=True)
     assert all(torch.equal(v, state["model"][f"encoder.{k}"]) for k, v in encoder.items())
-    try:
-        loaded = create_model("resnet10", pretrained=str(out / "encoder.safetensors"), num_classes=0)
-    except ImportError:
-        pytest.skip("create_model(pretrained=PATH) is not available in this build")
+    loaded = create_model("resnet10", pretrained=str(out / "encoder.safetensors"), num_classes=0)
     assert all(torch.equal(v, encoder[k]) for k, v in loaded.state_dict().items())
 
 

@@ -15,7 +15,7 @@ PREDICT_EPILOG = f"""examples:
   {PROG} predict runs/liver-ft ct/*.nii.gz dicom_dir/ -o masks/         one mask per scan (NIfTI, the scan's grid)
   {PROG} predict resnet10.lits-ft ct/*.nii.gz -o masks/ --probabilities  weights published with their head
   {PROG} predict runs/nodule-cls scans/*.nii.gz -o predictions.csv      class probabilities, one row per scan
-  {PROG} predict weights.safetensors --model resnet10 scan.nii.gz -o masks/
+  {PROG} predict weights.safetensors scan.nii.gz --model resnet10 -o masks/   a weights file: the inputs before --model
   {PROG} predict runs/brain-ft --channels a_t1.nii.gz,a_t2.nii.gz -o masks/   a model of two input channels
 
 A segmentation writes SCAN.nii.gz (uint8 labels, the input's shape and affine), SCAN.json (the label

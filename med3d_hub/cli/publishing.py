@@ -15,11 +15,18 @@ examples:
   {PROG} export runs/3dseg8 --output export/ --license cc-by-sa-4.0
   {PROG} export runs/3dseg8 --output export/ --checkpoint latest      a run that has not finished
   {PROG} export finetuned/ --output export/ --license mit --dataset "LiTS (CT)"   a save_pretrained folder
+  {PROG} export resnet10.3dseg8 --format onnx --output onnx/                  ONNX, checked in onnxruntime
+  {PROG} export runs/liver-ft --format monai-bundle --output bundle/ --license mit   a MONAI bundle
 
 RUN is a co-training run folder (config.yaml, encoder.safetensors, metrics.jsonl, curves.png) or a
 model folder (config.json + model.safetensors, as model.save_pretrained writes it; any head).
 The export holds model.safetensors, config.json, README.md (model card), training_config.yaml,
 metrics.jsonl, curves.png (those the run has) and, with --medicalnet-pth, resnet_DEPTH.pth.
+
+--format onnx and --format monai-bundle also take name.tag, a fine-tuning run folder, or a weights
+file with --model. onnx writes model.onnx (dynamic batch and spatial sizes) and model.json (the
+preprocessing, class names, sha256 of the weights, opset, exporter, and the onnxruntime check);
+monai-bundle writes configs/, models/model.pt, docs/README.md and LICENSE (see docs/deploying.md).
 """
 
 PUBLISH_EPILOG = f"""\
@@ -87,10 +94,22 @@ def add_export_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", required=True, help="a new (or empty) folder for the files")
     p.add_argument("--repo-id", metavar="ORG/NAME", help="the Hub repo, for the card's loading instructions only")
     p.add_argument("--tag", help="the weights tag, for the card's loading instructions only")
+    d = p.add_argument_group("deploying (--format onnx | monai-bundle; needs med3d-hub[deploy])")
+    d.add_argument("--format", choices=("hub", "onnx", "monai-bundle"), default="hub",
+                   help="hub: the files of a Hub repo (default); onnx: model.onnx + model.json; monai-bundle: a MONAI bundle")
+    d.add_argument("--returns", choices=("embedding", "layer4", "logits"),
+                   help="what the ONNX model returns (default: the logits of a model with a head, else the embedding)")
+    d.add_argument("--model", metavar="ARCH", help="the architecture of a weights file given as RUN (resnet10 ...)")
+    d.add_argument("--opset", type=int, default=18, help="the ONNX opset (default 18)")
+    d.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+                   help="auto: PyTorch's dynamo-based exporter, the TorchScript-based one where it fails (default)")
+    d.add_argument("--data", metavar="DIR", help="monai-bundle: the folder of NIfTI files its inference config reads")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format != "hub":
+        return _cmd_deploy(args)
     from ..publishing.export import export
     from ..publishing.run import read_run
 
@@ -103,6 +122,33 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"  wrote {exported.folder}: {', '.join(exported.files)}",
         f"  model.safetensors: {exported.size:,} bytes, sha256 {exported.sha256}",
         f"  licence {exported.license}; nothing was uploaded (publish with `{PROG} publish`)")
+    return EXIT_OK
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    """--format onnx | monai-bundle: any model source -> a checked ONNX file, or a MONAI bundle."""
+    from ..publishing.deployable import load_deployable
+
+    found = load_deployable(args.run, model=args.model, checkpoint=args.checkpoint,
+                            preprocess=_preprocess_argument(args.preprocess))
+    if args.format == "onnx":
+        from ..publishing.onnx_export import export_onnx
+
+        done = export_onnx(found, args.output, returns=args.returns, opset=args.opset, exporter=args.exporter)
+        check = done.sidecar["check"]
+        say(args, f"{PROG} export: {found.architecture} from {found.source} -> {done.file} "
+                  f"({done.sidecar['returns']}, opset {args.opset}, {done.sidecar['exporter']} exporter)",
+            f"  checked in {check['runtime']} on {len(check['shapes'])} shapes: max relative error "
+            f"{max(check['max_relative_error']):.1e} (tolerance {check['tolerance']:g})",
+            f"  sidecar {done.folder / 'model.json'}: preprocessing, class names, weights sha256 {found.weights_sha256}")
+        return EXIT_OK
+    from ..publishing.monai_bundle import BUNDLE_FILES, export_bundle
+
+    folder = export_bundle(found, args.output, license=args.license, data_dir=args.data)
+    say(args, f"{PROG} export: {found.architecture} from {found.source} -> MONAI bundle {folder}",
+        f"  wrote {', '.join(BUNDLE_FILES)}",
+        f"  run it: python -m monai.bundle run --config_file {folder}/configs/inference.json "
+        f"--meta_file {folder}/configs/metadata.json --bundle_root {folder}")
     return EXIT_OK
 
 

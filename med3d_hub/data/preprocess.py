@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from ..errors import UsageError
 from .io import Volume
 
-__all__ = ["PAPER_PREPROCESS", "Grid", "Preprocess", "foreground_box", "percentiles", "resampled_shape", "transforms_for"]
+__all__ = ["PAPER_PREPROCESS", "Grid", "Preprocess", "nonzero_box", "percentiles", "resampled_shape", "transforms_for"]
 
 PAPER_PREPROCESS: dict = {
     "spacing": None,
@@ -180,7 +180,7 @@ class Preprocess:
         if self.crop_foreground == "blank_planes":
             x = _drop_blank_planes(x, self.intensity["min"])
         elif self.crop_foreground:
-            box = foreground_box(x)
+            box = nonzero_box(x)
             if box is not None:
                 x = x[(slice(None), *box)]
         for channel in x:  # each channel with its own statistics, in place
@@ -294,16 +294,19 @@ def resampled_shape(shape, spacing, target) -> tuple[int, int, int]:
     return tuple(max(1, int(n * s / t + 0.5)) for n, s, t in zip(shape, spacing, target))
 
 
-def foreground_box(x: torch.Tensor) -> tuple[slice, slice, slice] | None:
-    """The (D, H, W) box of the voxels non-zero in any channel of (C, D, H, W) ``x`` (``crop_foreground``);
-    None for an all-zero volume."""
+def nonzero_box(x: torch.Tensor) -> tuple[slice, slice, slice] | None:
+    """The (D, H, W) bounding box of the voxels of (C, D, H, W) non-zero in any channel (``crop_foreground``);
+    None if there are none."""
     mask = x[0] != 0 if len(x) == 1 else (x != 0).any(dim=0)
     if not mask.any():
         return None
     box = []
     for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        hits = torch.nonzero(mask.any(dim=others)).flatten()
+        hits = mask
+        for other in (2, 1, 0):  # one axis at a time: any() over several axes needs torch 2.2
+            if other != axis:
+                hits = hits.any(dim=other)
+        hits = torch.nonzero(hits).flatten()
         box.append(slice(int(hits[0]), int(hits[-1]) + 1))
     return tuple(box)
 

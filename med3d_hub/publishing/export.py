@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..files import sha256_file
+from ..files import atomic_folder, sha256_file
 from ..weights import model_files
 from ..weights.checkpoints import HEAD_PREFIXES
 from .card import EXPORT_FILES
@@ -93,10 +92,7 @@ def export(
     output = Path(output).expanduser()
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise RunError(f"{output} exists and is not an empty folder; export into a new folder")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.export-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_folder(output) as tmp:
         files = _write_files(run, tmp, medicalnet_pth)
         weights = tmp / model_files.WEIGHTS_NAME
         sha256 = sha256_file(weights)
@@ -105,12 +101,6 @@ def export(
                           sha256=sha256)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         files = ["README.md", *files]
-        if output.exists():
-            output.rmdir()  # empty, checked above
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Exported(output, tuple(files), sha256, size, license, description)
 
 

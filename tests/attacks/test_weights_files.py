@@ -173,7 +173,7 @@ def test_stale_temporaries_are_removed_on_the_next_load_and_live_ones_kept(env, 
 
 
 @pytest.mark.slow
-def test_kill_9_during_conversion_leaves_a_cache_the_next_run_trusts(tmp_path):
+def test_kill_9_during_conversion_leaves_a_cache_the_next_run_trusts(tmp_path, monkeypatch):
     """Four processes convert the same local file; two are killed mid-way; a fifth loads the right weights."""
     data = medicalnet_bytes("resnet50")
     pth = tmp_path / "resnet_50.pth"
@@ -189,5 +189,7 @@ def test_kill_9_during_conversion_leaves_a_cache_the_next_run_trusts(tmp_path):
     assert [p.returncode for p in procs[2:]] == [0, 0]
     done = subprocess.run([sys.executable, "-c", code + "\nprint('ok')"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr
-    s = hub.Settings("", tmp_path / "hf", tmp_path / "cache", True, None, 10.0, 10.0)
-    assert all(problem is None for _, problem in hub.verify_cache(s, remove=False))
+    for name in ("MED3D_HUB_CACHE", "HF_HOME"):
+        monkeypatch.setenv(name, env[name])
+    checked = hub.verify_cache(hub.settings(), remove=False)
+    assert checked and all(problem is None for _, problem in checked)
