@@ -369,14 +369,16 @@ def _lfs_refusal(error: Exception, exported: Exported) -> str | None:
     """What the Hub said when it refused the LFS bytes of an upload, files named; None for any other error.
 
     huggingface_hub reports a refusal in the LFS batch answer as a ValueError ("LFS batch API returned
-    errors", files by sha256) and one by the storage as a RuntimeError caused by the HTTP error.
+    errors"; "LFS batch endpoint returned errors" in 0.25, files by sha256) and one by the storage as a
+    RuntimeError caused by the HTTP error.
     """
     from huggingface_hub.utils import HfHubHTTPError
 
     if isinstance(error, RuntimeError) and isinstance(error.__cause__, HfHubHTTPError):
         return f"{error} {error.__cause__}".replace("\n", " ")
     text = str(error)
-    if not (isinstance(error, ValueError) and text.startswith("LFS batch API returned errors")):
+    if not (isinstance(error, ValueError) and text.startswith(("LFS batch API returned errors",
+                                                               "LFS batch endpoint returned errors"))):
         return None
     for name in exported.files:  # file names instead of sha256s: only on this error path
         oid = exported.sha256 if name == model_files.WEIGHTS_NAME else hub.sha256_file(exported.folder / name)
